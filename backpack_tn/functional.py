@@ -1,0 +1,516 @@
+"""Tensor-in, tensor-out convolution quantities computed as tensor networks.
+
+Every function works for any number of spatial dimensions (inferred from the tensors),
+takes the hyper-parameters of ``torch.nn.ConvNd`` as keywords (ints or tuples; padding
+also ``'same'``/``'valid'``; every ``padding_mode``) and a ``simplify`` switch that turns
+the structural simplifications of DESIGN §2.3 on (default) or off. Nothing here knows
+about BackPACK or curvlinops; the integrations call these functions.
+
+Shapes use ``N`` batch, ``C_in``/``C_out`` channels, ``G`` groups, ``I``/``O``/``K``
+spatial input/output/kernel sizes, ``V`` the leading dimension of a backpropagated
+GGN factor (classes or Monte-Carlo samples).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+from torch import Tensor
+
+from backpack_tn.tn.conv import networks
+from backpack_tn.tn.evaluate import evaluate
+from backpack_tn.tn.geometry import ConvGeometry, IntOrTuple, Padding, make_geometry
+
+__all__ = [
+    "conv",
+    "unfold",
+    "input_vjp",
+    "weight_vjp",
+    "kfac_input_factor",
+    "diag_ggn_weight",
+    "sqrt_ggn_weight",
+    "batch_l2_weight",
+    "sum_grad_squared_weight",
+]
+
+KFAC_APPROXIMATIONS = ("expand", "reduce")
+GROUPS_MODES = ("average", "separate")
+
+
+def _check_rank(tensor: Tensor, name: str, rank: int, layout: str) -> None:
+    if tensor.dim() != rank:
+        raise ValueError(
+            f"{name} must have {rank} dimensions {layout}, got shape "
+            f"{tuple(tensor.shape)}."
+        )
+
+
+def _spatial_dims(x: Tensor, name: str = "x") -> int:
+    if x.dim() < 3:
+        raise ValueError(
+            f"{name} must have shape [N, C, *spatial] with at least one spatial "
+            f"dimension, got shape {tuple(x.shape)}."
+        )
+    return x.dim() - 2
+
+
+def _check_channels(channels: int, groups: int, name: str) -> None:
+    if channels % groups != 0:
+        raise ValueError(
+            f"{name} ({channels}) must be divisible by groups ({groups})."
+        )
+
+
+def _geometry(
+    input_shape: Sequence[int],
+    kernel_size: IntOrTuple,
+    stride: IntOrTuple,
+    padding: Padding,
+    dilation: IntOrTuple,
+    groups: int,
+    padding_mode: str,
+) -> ConvGeometry:
+    geometry = make_geometry(
+        input_shape[2:], kernel_size, stride, padding, dilation, groups, padding_mode
+    )
+    _check_channels(input_shape[1], groups, "input channels")
+    return geometry
+
+
+def _check_output(tensor: Tensor, name: str, geometry: ConvGeometry, lead: int):
+    """Check ``tensor``'s trailing spatial dims match the convolution output."""
+    _check_rank(tensor, name, lead + 1 + len(geometry.dims), "(leading, C_out, *O)")
+    if tuple(tensor.shape[lead + 1 :]) != geometry.output_size:
+        raise ValueError(
+            f"{name} has spatial size {tuple(tensor.shape[lead + 1 :])}, but the "
+            f"convolution's output size is {geometry.output_size}."
+        )
+    _check_channels(tensor.shape[lead], geometry.groups, f"{name} channels")
+
+
+def _group_input(x: Tensor, groups: int) -> Tensor:
+    n, c = x.shape[:2]
+    return x.reshape(n, groups, c // groups, *x.shape[2:])
+
+
+def _run(op: str, geometry: ConvGeometry, simplify: bool, tensors: dict, **options):
+    return evaluate(networks(op, geometry, simplify, **options), tensors)
+
+
+def conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    stride: IntOrTuple = 1,
+    padding: Padding = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    simplify: bool = True,
+) -> Tensor:
+    """Convolution forward pass, equal to ``torch.nn.functional.conv{1,2,3}d``.
+
+    Unlike the functional, ``padding_mode`` is supported directly (as ``nn.ConvNd``).
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        weight: Kernel ``[C_out, C_in / G, *K]``.
+        bias: Optional bias ``[C_out]``.
+        stride: Stride.
+        padding: Padding (int, tuple, ``'same'``, ``'valid'``).
+        dilation: Dilation.
+        groups: Number of channel groups.
+        padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
+        simplify: Apply structural simplifications.
+
+    Returns:
+        Output ``[N, C_out, *O]``.
+
+    Raises:
+        ValueError: For inconsistent shapes or invalid hyper-parameters.
+    """
+    num_dims = _spatial_dims(x)
+    _check_rank(weight, "weight", num_dims + 2, "[C_out, C_in / groups, *K]")
+    geometry = _geometry(
+        x.shape, weight.shape[2:], stride, padding, dilation, groups, padding_mode
+    )
+    c_out = weight.shape[0]
+    _check_channels(c_out, groups, "output channels (weight.shape[0])")
+    if weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(
+            f"weight.shape[1] * groups ({weight.shape[1]} * {groups}) must equal the "
+            f"input channels ({x.shape[1]})."
+        )
+    tensors = {
+        "x": _group_input(x, groups),
+        "w": weight.reshape(groups, c_out // groups, *weight.shape[1:]),
+    }
+    out = _run("forward", geometry, simplify, tensors)
+    out = out.reshape(x.shape[0], c_out, *geometry.output_size)
+    if bias is not None:
+        out = out + bias.reshape(1, -1, *([1] * num_dims))
+    return out
+
+
+def unfold(
+    x: Tensor,
+    kernel_size: IntOrTuple,
+    *,
+    stride: IntOrTuple = 1,
+    padding: Padding = 0,
+    dilation: IntOrTuple = 1,
+    padding_mode: str = "zeros",
+    simplify: bool = True,
+) -> Tensor:
+    """Unfolded input (im2col), same values and layout as ``F.unfold``, any N-d.
+
+    Args:
+        x: Input ``[N, C, *I]``.
+        kernel_size: Kernel size.
+        stride: Stride.
+        padding: Padding (int, tuple, ``'same'``, ``'valid'``).
+        dilation: Dilation.
+        padding_mode: Padding mode; padded positions copy input elements.
+        simplify: Apply structural simplifications.
+
+    Returns:
+        ``[N, C·ΠK, ΠO]``, channel-major within each column as ``F.unfold``.
+    """
+    _spatial_dims(x)
+    geometry = _geometry(x.shape, kernel_size, stride, padding, dilation, 1, padding_mode)
+    out = _run("unfold", geometry, simplify, {"x": _group_input(x, 1)})
+    n, c = x.shape[:2]
+    return out.reshape(
+        n, c * math.prod(geometry.kernel_size), math.prod(geometry.output_size)
+    )
+
+
+def input_vjp(
+    grad_output: Tensor,
+    weight: Tensor,
+    input_shape: Sequence[int],
+    *,
+    stride: IntOrTuple = 1,
+    padding: Padding = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    simplify: bool = True,
+) -> Tensor:
+    """Vector-Jacobian product with respect to the convolution's input.
+
+    Args:
+        grad_output: Gradient w.r.t. the output ``[N, C_out, *O]``.
+        weight: Kernel ``[C_out, C_in / G, *K]``.
+        input_shape: Shape of the input ``[N, C_in, *I]``.
+        stride: Stride.
+        padding: Padding (int, tuple, ``'same'``, ``'valid'``).
+        dilation: Dilation.
+        groups: Number of channel groups.
+        padding_mode: Padding mode (padded positions send their gradient to the
+            input element they copy).
+        simplify: Apply structural simplifications.
+
+    Returns:
+        Gradient w.r.t. the input, ``[N, C_in, *I]``.
+    """
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) < 3:
+        raise ValueError(
+            f"input_shape must be [N, C_in, *I] with at least one spatial dimension, "
+            f"got {input_shape}."
+        )
+    _check_rank(weight, "weight", len(input_shape), "[C_out, C_in / groups, *K]")
+    geometry = _geometry(
+        input_shape, weight.shape[2:], stride, padding, dilation, groups, padding_mode
+    )
+    _check_output(grad_output, "grad_output", geometry, 1)
+    c_out = weight.shape[0]
+    tensors = {
+        "v": _group_input(grad_output, groups),
+        "w": weight.reshape(groups, c_out // groups, *weight.shape[1:]),
+    }
+    return _run("input_vjp", geometry, simplify, tensors).reshape(input_shape)
+
+
+def _x_and_output(
+    x: Tensor,
+    grad: Tensor,
+    grad_name: str,
+    lead: int,
+    kernel_size,
+    stride,
+    padding,
+    dilation,
+    groups,
+    padding_mode,
+) -> Tuple[ConvGeometry, dict, Tuple[int, ...]]:
+    """Validate an (input, backpropagated tensor) pair; return geometry, grouped
+    tensors and the weight shape."""
+    _spatial_dims(x)
+    geometry = _geometry(
+        x.shape, kernel_size, stride, padding, dilation, groups, padding_mode
+    )
+    _check_output(grad, grad_name, geometry, lead)
+    if grad.shape[lead - 1] != x.shape[0]:
+        raise ValueError(
+            f"{grad_name} has batch size {grad.shape[lead - 1]}, x has {x.shape[0]}."
+        )
+    c_out = grad.shape[lead]
+    shape = grad.shape
+    grouped = grad.reshape(*shape[:lead], groups, c_out // groups, *shape[lead + 1 :])
+    tensors = {"x": _group_input(x, groups), "v" if lead == 1 else "s": grouped}
+    weight_shape = (c_out, x.shape[1] // groups, *geometry.kernel_size)
+    return geometry, tensors, weight_shape
+
+
+def weight_vjp(
+    x: Tensor,
+    grad_output: Tensor,
+    kernel_size: IntOrTuple,
+    *,
+    stride: IntOrTuple = 1,
+    padding: Padding = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    per_sample: bool = False,
+    simplify: bool = True,
+) -> Tensor:
+    """Gradient with respect to the kernel (vector-Jacobian product).
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        grad_output: Gradient w.r.t. the output ``[N, C_out, *O]``.
+        kernel_size: Kernel size.
+        stride: Stride.
+        padding: Padding (int, tuple, ``'same'``, ``'valid'``).
+        dilation: Dilation.
+        groups: Number of channel groups.
+        padding_mode: Padding mode.
+        per_sample: Keep the batch axis (per-sample gradients).
+        simplify: Apply structural simplifications.
+
+    Returns:
+        ``[C_out, C_in / G, *K]``, or ``[N, C_out, C_in / G, *K]`` if ``per_sample``.
+    """
+    geometry, tensors, weight_shape = _x_and_output(
+        x, grad_output, "grad_output", 1, kernel_size, stride, padding, dilation,
+        groups, padding_mode,
+    )
+    out = _run("weight_vjp", geometry, simplify, tensors, per_sample=per_sample)
+    return out.reshape((x.shape[0],) * per_sample + weight_shape)
+
+
+def kfac_input_factor(
+    x: Tensor,
+    kernel_size: IntOrTuple,
+    *,
+    stride: IntOrTuple = 1,
+    padding: Padding = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    approx: str = "expand",
+    groups_mode: str = "average",
+    simplify: bool = True,
+) -> Tensor:
+    """Input-based Kronecker factor of KFAC for a convolution (no bias row/column).
+
+    With ``u_{n,o}`` the unfolded input patch of sample ``n`` at output position ``o``:
+
+    * ``approx='expand'``: ``(1/N) Σ_n Σ_o u_{n,o} u_{n,o}ᵀ`` (BackPACK's scale;
+      curvlinops additionally divides by the number of output positions).
+    * ``approx='reduce'``: ``(1/N) Σ_n ū_n ū_nᵀ`` with ``ū_n`` the mean of ``u_{n,o}``
+      over output positions (KFAC-reduce, Eschenhagen et al. 2023).
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        kernel_size: Kernel size.
+        stride: Stride.
+        padding: Padding (int, tuple, ``'same'``, ``'valid'``).
+        dilation: Dilation.
+        groups: Number of channel groups.
+        padding_mode: Padding mode.
+        approx: ``'expand'`` or ``'reduce'``.
+        groups_mode: ``'average'`` averages the input over channel groups first
+            (curvlinops' convention, one factor); ``'separate'`` returns the exact
+            factor of every group.
+        simplify: Apply structural simplifications.
+
+    Returns:
+        ``[C_in/G·ΠK, C_in/G·ΠK]`` (average) or ``[G, C_in/G·ΠK, C_in/G·ΠK]``
+        (separate), rows ordered channel-major as ``F.unfold``.
+
+    Raises:
+        ValueError: For unknown ``approx``/``groups_mode`` or invalid hyper-parameters.
+    """
+    if approx not in KFAC_APPROXIMATIONS:
+        raise ValueError(f"approx must be one of {KFAC_APPROXIMATIONS}, got {approx!r}.")
+    if groups_mode not in GROUPS_MODES:
+        raise ValueError(
+            f"groups_mode must be one of {GROUPS_MODES}, got {groups_mode!r}."
+        )
+    _spatial_dims(x)
+    geometry = _geometry(
+        x.shape, kernel_size, stride, padding, dilation, groups, padding_mode
+    )
+    grouped = _group_input(x, groups)
+    if groups_mode == "average":
+        grouped = grouped.mean(1, keepdim=True)
+    out = _run("kfac_input", geometry, simplify, {"x": grouped}, approx=approx)
+    scale = 1.0 / x.shape[0]
+    if approx == "reduce":
+        scale /= math.prod(geometry.output_size) ** 2
+    dim = x.shape[1] // groups * math.prod(geometry.kernel_size)
+    out = out.mul_(scale).reshape(grouped.shape[1], dim, dim)
+    return out[0] if groups_mode == "average" else out
+
+
+def sqrt_ggn_weight(
+    x: Tensor,
+    S: Tensor,
+    kernel_size: IntOrTuple,
+    *,
+    stride: IntOrTuple = 1,
+    padding: Padding = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    simplify: bool = True,
+) -> Tensor:
+    """Weight Jacobian applied to a backpropagated symmetric GGN factor.
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        S: Backpropagated factor ``[V, N, C_out, *O]``.
+        kernel_size: Kernel size.
+        stride: Stride.
+        padding: Padding (int, tuple, ``'same'``, ``'valid'``).
+        dilation: Dilation.
+        groups: Number of channel groups.
+        padding_mode: Padding mode.
+        simplify: Apply structural simplifications.
+
+    Returns:
+        ``[V, N, C_out, C_in / G, *K]``.
+    """
+    geometry, tensors, weight_shape = _x_and_output(
+        x, S, "S", 2, kernel_size, stride, padding, dilation, groups, padding_mode
+    )
+    out = _run("sqrt_ggn", geometry, simplify, tensors)
+    return out.reshape(*S.shape[:2], *weight_shape)
+
+
+def diag_ggn_weight(
+    x: Tensor,
+    S: Tensor,
+    kernel_size: IntOrTuple,
+    *,
+    stride: IntOrTuple = 1,
+    padding: Padding = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    per_sample: bool = False,
+    simplify: bool = True,
+) -> Tensor:
+    """Diagonal of the GGN w.r.t. the kernel, ``Σ_v (Jᵀ S)²`` summed over the batch.
+
+    Equals BackPACK's ``extract_weight_diagonal`` on the unfolded input.
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        S: Backpropagated factor ``[V, N, C_out, *O]``.
+        kernel_size: Kernel size.
+        stride: Stride.
+        padding: Padding (int, tuple, ``'same'``, ``'valid'``).
+        dilation: Dilation.
+        groups: Number of channel groups.
+        padding_mode: Padding mode.
+        per_sample: Keep the batch axis.
+        simplify: Apply structural simplifications.
+
+    Returns:
+        ``weight.shape``, or ``[N, *weight.shape]`` if ``per_sample``.
+    """
+    geometry, tensors, weight_shape = _x_and_output(
+        x, S, "S", 2, kernel_size, stride, padding, dilation, groups, padding_mode
+    )
+    out = _run("diag_ggn", geometry, simplify, tensors, per_sample=per_sample)
+    return out.reshape((x.shape[0],) * per_sample + weight_shape)
+
+
+def batch_l2_weight(
+    x: Tensor,
+    grad_output: Tensor,
+    kernel_size: IntOrTuple,
+    *,
+    stride: IntOrTuple = 1,
+    padding: Padding = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    simplify: bool = True,
+) -> Tensor:
+    """Squared L2 norm of every per-sample kernel gradient.
+
+    Chooses between contracting per-sample gradients and the Gram form
+    ``Σ_{o,o'} (V_o·V_o')(U_o·U_o')`` (no per-sample gradient) by estimated cost.
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        grad_output: Gradient w.r.t. the output ``[N, C_out, *O]``.
+        kernel_size: Kernel size.
+        stride: Stride.
+        padding: Padding (int, tuple, ``'same'``, ``'valid'``).
+        dilation: Dilation.
+        groups: Number of channel groups.
+        padding_mode: Padding mode.
+        simplify: Apply structural simplifications.
+
+    Returns:
+        ``[N]``.
+    """
+    geometry, tensors, _ = _x_and_output(
+        x, grad_output, "grad_output", 1, kernel_size, stride, padding, dilation,
+        groups, padding_mode,
+    )
+    return _run("batch_l2", geometry, simplify, tensors).reshape(x.shape[0])
+
+
+def sum_grad_squared_weight(
+    x: Tensor,
+    grad_output: Tensor,
+    kernel_size: IntOrTuple,
+    *,
+    stride: IntOrTuple = 1,
+    padding: Padding = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    simplify: bool = True,
+) -> Tensor:
+    """Sum over the batch of squared per-sample kernel gradients (element-wise).
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        grad_output: Gradient w.r.t. the output ``[N, C_out, *O]``.
+        kernel_size: Kernel size.
+        stride: Stride.
+        padding: Padding (int, tuple, ``'same'``, ``'valid'``).
+        dilation: Dilation.
+        groups: Number of channel groups.
+        padding_mode: Padding mode.
+        simplify: Apply structural simplifications.
+
+    Returns:
+        ``[C_out, C_in / G, *K]``.
+    """
+    geometry, tensors, weight_shape = _x_and_output(
+        x, grad_output, "grad_output", 1, kernel_size, stride, padding, dilation,
+        groups, padding_mode,
+    )
+    return _run("sum_grad_squared", geometry, simplify, tensors).reshape(weight_shape)

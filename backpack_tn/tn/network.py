@@ -1,0 +1,261 @@
+"""Symbolic tensor networks and the simplification passes of DESIGN §2.3.
+
+A :class:`TensorNetwork` is a pure description: named axes per operand, how each
+input-like operand is *viewed* (sliced / reshaped) before contraction, which index
+patterns take part, and the output axes. It is built from hyper-parameters alone, is
+hashable, and is cached; no tensor exists until :mod:`backpack_tn.tn.evaluate`
+materialises the operands.
+
+Simplifications are decided per spatial dimension by :func:`plan_dim`:
+
+* ``identity`` (``K = S = 1``, no padding): the pattern is ``δ_io``; it is dropped, the
+  input axis *is* the output axis and the size-1 kernel axis disappears.
+* ``downsample`` (``K = 1 < S``, no padding): slice ``X[..., ::S]``, then identity.
+* ``dense`` (``S ≥ K``, no padding, no dilation): slice/zero-pad ``X`` to ``O·S``,
+  reshape ``i → (o, s)`` and keep ``s < K``; the pattern disappears.
+* ``crop``: input rows no output reads are sliced off and the pattern shrinks to match.
+* ``reduce`` (KFAC-reduce only): ``Σ_o Π`` is pre-contracted to ``Π̄[i, k]``; for dense
+  dimensions the sum over ``o`` simply stays in the contraction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import FrozenSet, Optional, Tuple
+
+import opt_einsum
+
+from backpack_tn.tn.geometry import DimGeometry
+from backpack_tn.tn.patterns import structure, touched_rows
+
+Axes = Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SpatialView:
+    """How one spatial axis of an input-like tensor is read before contraction.
+
+    The axis is sliced ``[start:stop:step]``, then ``pad`` zeros are appended, then (if
+    ``split`` = ``(O, S, K)``) it is reshaped to ``(O, S)`` and cut to ``(O, K)``.
+    """
+
+    start: int
+    stop: int
+    step: int = 1
+    pad: int = 0
+    split: Optional[Tuple[int, int, int]] = None
+
+
+@dataclass(frozen=True)
+class DimPlan:
+    """Simplification decision for one spatial dimension.
+
+    Attributes:
+        geometry: The dimension's geometry.
+        kind: ``'identity'``, ``'downsample'``, ``'dense'``, ``'crop'`` or ``'general'``.
+        view: How the input axis is read.
+        x_roles: Roles of the axes the viewed input axis becomes: ``('o',)``,
+            ``('o', 'k')`` or ``('i',)``.
+        pattern_rows: Input rows of the pattern still needed, or ``None`` if the
+            pattern was eliminated.
+    """
+
+    geometry: DimGeometry
+    kind: str
+    view: SpatialView
+    x_roles: Tuple[str, ...]
+    pattern_rows: Optional[Tuple[int, int]]
+
+    @property
+    def drops_kernel_axis(self) -> bool:
+        """Whether the (size-1) kernel axis vanishes from the network."""
+        return self.kind in ("identity", "downsample")
+
+
+def plan_dim(dim: DimGeometry, simplify: bool = True) -> DimPlan:
+    """Decide how to treat one spatial dimension (DESIGN §2.3).
+
+    Args:
+        dim: Geometry of the dimension.
+        simplify: If ``False``, always contract with the full pattern.
+
+    Returns:
+        The dimension's plan.
+    """
+    size, out, stride, kernel = (
+        dim.input_size,
+        dim.output_size,
+        dim.stride,
+        dim.kernel_size,
+    )
+    kind = structure(dim) if simplify else "general"
+    if kind == "identity":
+        return DimPlan(dim, kind, SpatialView(0, size), ("o",), None)
+    if kind == "downsample":
+        return DimPlan(dim, kind, SpatialView(0, size, stride), ("o",), None)
+    if kind == "dense":
+        length = out * stride
+        view = SpatialView(
+            0, min(size, length), pad=max(0, length - size), split=(out, stride, kernel)
+        )
+        return DimPlan(dim, kind, view, ("o", "k"), None)
+    if kind == "crop":
+        start, stop = touched_rows(dim)
+        return DimPlan(dim, kind, SpatialView(start, stop), ("i",), (start, stop))
+    return DimPlan(dim, "general", SpatialView(0, size), ("i",), (0, size))
+
+
+@dataclass(frozen=True)
+class PatternRef:
+    """An index-pattern operand: which dimension, which rows, summed over ``o`` or not."""
+
+    geometry: DimGeometry
+    rows: Tuple[int, int]
+    reduced: bool = False
+
+
+@dataclass(frozen=True)
+class Operand:
+    """One operand of a tensor network.
+
+    Attributes:
+        source: Name of the tensor argument (``'x'``, ``'w'``, ``'v'``, ``'s'``) the
+            operand is read from, or ``None`` for an index pattern.
+        axes: Axis names after viewing, before dropping size-1 kernel axes.
+        views: Views applied to the trailing spatial axes of the source tensor (empty
+            for tensors that are used as they are).
+        pattern: The pattern this operand is, if ``source`` is ``None``.
+    """
+
+    source: Optional[str]
+    axes: Axes
+    views: Tuple[SpatialView, ...] = ()
+    pattern: Optional[PatternRef] = None
+
+
+@dataclass(frozen=True)
+class TensorNetwork:
+    """A contraction with named axes plus the cheap element-wise epilogue around it.
+
+    Attributes:
+        operands: The operands.
+        output: Axis names of the contraction result (before dropping).
+        dropped: Size-1 kernel axes removed by the identity/down-sampling passes; they
+            are squeezed from operands and left out of the equation.
+        square_sum: If not ``None``, the contraction result is squared element-wise and
+            these axes are summed (diagonal GGN, batch L2, sum of squared gradients).
+        output_views: For results living on the input grid (input VJP): the views that
+            map the full input axes to the result's trailing axes, used to embed the
+            result back into a zero tensor of the input's shape.
+        plans: The per-dimension simplification decisions (for inspection).
+        label: Name of the formulation (e.g. ``'per_sample'``, ``'gram'``).
+    """
+
+    operands: Tuple[Operand, ...]
+    output: Axes
+    dropped: FrozenSet[str] = frozenset()
+    square_sum: Optional[Axes] = None
+    output_views: Tuple[SpatialView, ...] = ()
+    plans: Tuple[DimPlan, ...] = ()
+    label: str = "tn"
+
+    def kept(self, axes: Axes) -> Axes:
+        """``axes`` without the dropped ones."""
+        return tuple(a for a in axes if a not in self.dropped)
+
+    @property
+    def result_axes(self) -> Axes:
+        """Axes of the final result (after dropping and the square-sum epilogue)."""
+        summed = set(self.square_sum or ())
+        return tuple(a for a in self.kept(self.output) if a not in summed)
+
+    @cached_property
+    def equation(self) -> str:
+        """The einsum equation of the contraction, one letter per named axis."""
+        names: list = []
+        for op in self.operands:
+            names.extend(a for a in self.kept(op.axes) if a not in names)
+        sym = {name: opt_einsum.get_symbol(i) for i, name in enumerate(names)}
+
+        def term(axes: Axes) -> str:
+            return "".join(sym[a] for a in self.kept(axes))
+
+        inputs = ",".join(term(op.axes) for op in self.operands)
+        return f"{inputs}->{term(self.output)}"
+
+    @property
+    def kinds(self) -> Tuple[str, ...]:
+        """Simplification applied per spatial dimension."""
+        return tuple(p.kind for p in self.plans)
+
+    def describe(self) -> str:
+        """Human-readable summary with named axes (einops style)."""
+        parts = []
+        for op in self.operands:
+            name = op.source or (
+                "Π̄" if op.pattern is not None and op.pattern.reduced else "Π"
+            )
+            parts.append(f"{name}[{' '.join(self.kept(op.axes))}]")
+        out = " ".join(self.kept(self.output))
+        text = f"{', '.join(parts)} -> {out}"
+        if self.square_sum:
+            text += f"; square, sum over {' '.join(self.square_sum)}"
+        return text
+
+
+# --- helpers used by the operation builders in conv.py -------------------------------
+
+
+def axis(role: str, dim: int, tag: str = "") -> str:
+    """Name of the axis with role ``i``/``o``/``k`` of spatial dimension ``dim``."""
+    return f"{role}{dim + 1}{tag}"
+
+
+def input_side(
+    source: str,
+    plans: Tuple[DimPlan, ...],
+    leading: Axes,
+    tags: dict,
+    reduced: bool = False,
+) -> Tuple[Operand, ...]:
+    """Operands that read an input-like tensor through the index patterns.
+
+    Args:
+        source: Tensor argument name (usually ``'x'``).
+        plans: Per-dimension plans.
+        leading: Names of the non-spatial leading axes (e.g. ``('n', 'g', 'c')``).
+        tags: Suffix per role (``'i'``, ``'o'``, ``'k'``) to tell apart copies of the
+            same side in one network (e.g. ``{'i': "'", 'k': "'"}`` for the second
+            input of a Kronecker factor, sharing ``o``).
+        reduced: Use ``Π̄ = Σ_o Π`` and drop ``o`` (KFAC-reduce).
+
+    Returns:
+        The input operand followed by the remaining pattern operands.
+    """
+    spatial, patterns = [], []
+    for d, plan in enumerate(plans):
+        spatial.extend(axis(r, d, tags.get(r, "")) for r in plan.x_roles)
+        if plan.pattern_rows is not None:
+            i, o, k = (axis(r, d, tags.get(r, "")) for r in "iok")
+            ref = PatternRef(plan.geometry, plan.pattern_rows, reduced)
+            patterns.append(Operand(None, (i, k) if reduced else (i, o, k), (), ref))
+    x = Operand(source, leading + tuple(spatial), tuple(p.view for p in plans))
+    return (x, *patterns)
+
+
+def kernel_axes(plans: Tuple[DimPlan, ...], tag: str = "") -> Axes:
+    """Kernel axes ``k1 … kd`` (with an optional tag)."""
+    return tuple(axis("k", d, tag) for d in range(len(plans)))
+
+
+def output_axes(plans: Tuple[DimPlan, ...], tag: str = "") -> Axes:
+    """Output spatial axes ``o1 … od`` (with an optional tag)."""
+    return tuple(axis("o", d, tag) for d in range(len(plans)))
+
+
+def dropped_kernel_axes(plans: Tuple[DimPlan, ...], tags: Tuple[str, ...] = ("",)):
+    """Kernel axes eliminated by identity/down-sampling dimensions, for every tag."""
+    return frozenset(
+        axis("k", d, tag) for d, p in enumerate(plans) if p.drops_kernel_axis for tag in tags
+    )
