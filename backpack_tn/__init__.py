@@ -10,4 +10,10 @@ from backpack_tn.tn import cache_stats, clear_caches, set_memory_budget
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "cache_stats", "clear_caches", "set_memory_budget", "__version__"]
+__all__ = [
+    "functional",
+    "cache_stats",
+    "clear_caches",
+    "set_memory_budget",
+    "__version__",
+]

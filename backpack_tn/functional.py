@@ -2,9 +2,9 @@
 
 Every function works for any number of spatial dimensions (inferred from the tensors),
 takes the hyper-parameters of ``torch.nn.ConvNd`` as keywords (ints or tuples; padding
-also ``'same'``/``'valid'``; every ``padding_mode``) and a ``simplify`` switch that turns
-the structural simplifications of DESIGN §2.3 on (default) or off. Nothing here knows
-about BackPACK or curvlinops; the integrations call these functions.
+also ``'same'``/``'valid'``; every ``padding_mode``) and a ``simplify`` switch that
+turns the structural simplifications of DESIGN §2.3 on (default) or off. Nothing here
+knows about BackPACK or curvlinops; the integrations call these functions.
 
 Shapes use ``N`` batch, ``C_in``/``C_out`` channels, ``G`` groups, ``I``/``O``/``K``
 spatial input/output/kernel sizes, ``V`` the leading dimension of a backpropagated
@@ -57,9 +57,7 @@ def _spatial_dims(x: Tensor, name: str = "x") -> int:
 
 def _check_channels(channels: int, groups: int, name: str) -> None:
     if channels % groups != 0:
-        raise ValueError(
-            f"{name} ({channels}) must be divisible by groups ({groups})."
-        )
+        raise ValueError(f"{name} ({channels}) must be divisible by groups ({groups}).")
 
 
 def _geometry(
@@ -179,7 +177,9 @@ def unfold(
         ``[N, C·ΠK, ΠO]``, channel-major within each column as ``F.unfold``.
     """
     _spatial_dims(x)
-    geometry = _geometry(x.shape, kernel_size, stride, padding, dilation, 1, padding_mode)
+    geometry = _geometry(
+        x.shape, kernel_size, stride, padding, dilation, 1, padding_mode
+    )
     out = _run("unfold", geometry, simplify, {"x": _group_input(x, 1)})
     n, c = x.shape[:2]
     return out.reshape(
@@ -247,8 +247,11 @@ def _x_and_output(
     groups,
     padding_mode,
 ) -> Tuple[ConvGeometry, dict, Tuple[int, ...]]:
-    """Validate an (input, backpropagated tensor) pair; return geometry, grouped
-    tensors and the weight shape."""
+    """Validate an input and a backpropagated tensor; group them.
+
+    Returns:
+        The geometry, the grouped tensors by name and the weight shape.
+    """
     _spatial_dims(x)
     geometry = _geometry(
         x.shape, kernel_size, stride, padding, dilation, groups, padding_mode
@@ -297,8 +300,16 @@ def weight_vjp(
         ``[C_out, C_in / G, *K]``, or ``[N, C_out, C_in / G, *K]`` if ``per_sample``.
     """
     geometry, tensors, weight_shape = _x_and_output(
-        x, grad_output, "grad_output", 1, kernel_size, stride, padding, dilation,
-        groups, padding_mode,
+        x,
+        grad_output,
+        "grad_output",
+        1,
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode,
     )
     out = _run("weight_vjp", geometry, simplify, tensors, per_sample=per_sample)
     return out.reshape((x.shape[0],) * per_sample + weight_shape)
@@ -348,7 +359,9 @@ def kfac_input_factor(
         ValueError: For unknown ``approx``/``groups_mode`` or invalid hyper-parameters.
     """
     if approx not in KFAC_APPROXIMATIONS:
-        raise ValueError(f"approx must be one of {KFAC_APPROXIMATIONS}, got {approx!r}.")
+        raise ValueError(
+            f"approx must be one of {KFAC_APPROXIMATIONS}, got {approx!r}."
+        )
     if groups_mode not in GROUPS_MODES:
         raise ValueError(
             f"groups_mode must be one of {GROUPS_MODES}, got {groups_mode!r}."
@@ -475,8 +488,16 @@ def batch_l2_weight(
         ``[N]``.
     """
     geometry, tensors, _ = _x_and_output(
-        x, grad_output, "grad_output", 1, kernel_size, stride, padding, dilation,
-        groups, padding_mode,
+        x,
+        grad_output,
+        "grad_output",
+        1,
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode,
     )
     return _run("batch_l2", geometry, simplify, tensors).reshape(x.shape[0])
 
@@ -510,7 +531,15 @@ def sum_grad_squared_weight(
         ``[C_out, C_in / G, *K]``.
     """
     geometry, tensors, weight_shape = _x_and_output(
-        x, grad_output, "grad_output", 1, kernel_size, stride, padding, dilation,
-        groups, padding_mode,
+        x,
+        grad_output,
+        "grad_output",
+        1,
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode,
     )
     return _run("sum_grad_squared", geometry, simplify, tensors).reshape(weight_shape)

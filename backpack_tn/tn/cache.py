@@ -56,7 +56,7 @@ class LRUCache(Generic[V]):
         _REGISTRY[name] = self
 
     def get_or_create(self, key: Hashable, factory: Callable[[], V]) -> V:
-        """Return the value cached under ``key``, computing it with ``factory`` if absent.
+        """Return the value under ``key``; compute it with ``factory`` if absent.
 
         Args:
             key: Hashable key.

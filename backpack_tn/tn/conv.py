@@ -79,9 +79,7 @@ def _kfac_input(plans, approx: str) -> Formulations:
     tags = {"i": _PRIME, "k": _PRIME, **({"o": _PRIME} if reduced else {})}
     first = input_side("x", plans, ("n", "g", "c"), {}, reduced)
     second = input_side("x", plans, ("n", "g", "c" + _PRIME), tags, reduced)
-    out = (
-        ("g", "c") + kernel_axes(plans) + ("c" + _PRIME,) + kernel_axes(plans, _PRIME)
-    )
+    out = ("g", "c") + kernel_axes(plans) + ("c" + _PRIME,) + kernel_axes(plans, _PRIME)
     dropped = dropped_kernel_axes(plans, ("", _PRIME))
     return (TensorNetwork((*first, *second), out, dropped, plans=plans),)
 
@@ -91,7 +89,9 @@ def _sqrt_ggn(plans, square_sum=None, label="tn") -> TensorNetwork:
     x_side = input_side("x", plans, ("n", "g", "c"), {})
     out = ("v", "n", "g", "d", "c") + kernel_axes(plans)
     dropped = dropped_kernel_axes(plans)
-    return TensorNetwork((s, *x_side), out, dropped, square_sum, plans=plans, label=label)
+    return TensorNetwork(
+        (s, *x_side), out, dropped, square_sum, plans=plans, label=label
+    )
 
 
 def _batch_l2(plans) -> Formulations:

@@ -73,12 +73,14 @@ def _plan(equation: str, shapes: Sequence[Shape], dtype, device) -> ContractionP
         expression = opt_einsum.contract_expression(
             equation, *shapes, optimize=info.path
         )
-        return ContractionPlan(expression, float(info.opt_cost), int(info.largest_intermediate))
+        return ContractionPlan(
+            expression, float(info.opt_cost), int(info.largest_intermediate)
+        )
 
     return _PLANS.get_or_create((equation, tuple(shapes), dtype, device), create)
 
 
-# --- views on input-like tensors -----------------------------------------------------
+# --- views on input-like tensors ------------------------------------------------------
 
 
 def _view_length(view: SpatialView) -> int:
@@ -128,17 +130,21 @@ def _embed(result: Tensor, views: Tuple[SpatialView, ...], sizes: Shape) -> Tens
     return full[crop]
 
 
-# --- operands --------------------------------------------------------------------------
+# --- operands -------------------------------------------------------------------------
 
 
 def _operand_shape(net: TensorNetwork, op: Operand, shapes: Mapping[str, Shape]):
     if op.source is None:
         ref = op.pattern
         rows = ref.rows[1] - ref.rows[0]
-        full = (rows, ref.geometry.kernel_size) if ref.reduced else (
-            rows,
-            ref.geometry.output_size,
-            ref.geometry.kernel_size,
+        full = (
+            (rows, ref.geometry.kernel_size)
+            if ref.reduced
+            else (
+                rows,
+                ref.geometry.output_size,
+                ref.geometry.kernel_size,
+            )
         )
     else:
         full = _viewed_shape(shapes[op.source], op.views)
@@ -158,7 +164,7 @@ def _materialise(
     return tensor.squeeze(drop) if drop else tensor
 
 
-# --- execution ---------------------------------------------------------------------------
+# --- execution ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -231,7 +237,9 @@ def _run_einsum(choice: Choice, tensors: Mapping[str, Tensor]) -> Tensor:
     any_tensor = next(iter(tensors.values()))
     dtype, device = any_tensor.dtype, any_tensor.device
     if choice.chunks == 1:
-        operands = [_materialise(net, op, tensors, dtype, device) for op in net.operands]
+        operands = [
+            _materialise(net, op, tensors, dtype, device) for op in net.operands
+        ]
         return _contract(net, choice.plan, operands)
 
     # ``n`` is a leading axis, so its position is the same before and after views.

@@ -27,7 +27,7 @@ class DimGeometry:
         dilation: Dilation ``D``.
         pad_left: Padding before the input ``P``.
         pad_right: Padding after the input (differs from ``P`` for uneven ``'same'``).
-        padding_mode: One of ``'zeros'``, ``'reflect'``, ``'replicate'``, ``'circular'``.
+        padding_mode: ``'zeros'``, ``'reflect'``, ``'replicate'`` or ``'circular'``.
     """
 
     input_size: int

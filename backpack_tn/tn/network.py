@@ -53,7 +53,7 @@ class DimPlan:
 
     Attributes:
         geometry: The dimension's geometry.
-        kind: ``'identity'``, ``'downsample'``, ``'dense'``, ``'crop'`` or ``'general'``.
+        kind: ``'identity'``, ``'downsample'``, ``'dense'``, ``'crop'``, ``'general'``.
         view: How the input axis is read.
         x_roles: Roles of the axes the viewed input axis becomes: ``('o',)``,
             ``('o', 'k')`` or ``('i',)``.
@@ -108,7 +108,7 @@ def plan_dim(dim: DimGeometry, simplify: bool = True) -> DimPlan:
 
 @dataclass(frozen=True)
 class PatternRef:
-    """An index-pattern operand: which dimension, which rows, summed over ``o`` or not."""
+    """An index-pattern operand: dimension, kept rows, summed over ``o`` or not."""
 
     geometry: DimGeometry
     rows: Tuple[int, int]
@@ -257,5 +257,8 @@ def output_axes(plans: Tuple[DimPlan, ...], tag: str = "") -> Axes:
 def dropped_kernel_axes(plans: Tuple[DimPlan, ...], tags: Tuple[str, ...] = ("",)):
     """Kernel axes eliminated by identity/down-sampling dimensions, for every tag."""
     return frozenset(
-        axis("k", d, tag) for d, p in enumerate(plans) if p.drops_kernel_axis for tag in tags
+        axis("k", d, tag)
+        for d, p in enumerate(plans)
+        if p.drops_kernel_axis
+        for tag in tags
     )

@@ -1,0 +1,303 @@
+"""The TN engine: simplifications fire where they should, caches, strategies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backpack_tn import functional as tnf
+from backpack_tn.tn import (
+    cache_stats,
+    clear_caches,
+    evaluate,
+    get_memory_budget,
+    index_pattern,
+    make_geometry,
+    networks,
+    set_memory_budget,
+)
+from backpack_tn.tn.cache import LRUCache
+from tests.cases import CASES, Case, reference_unfold
+from tests.test_functional import close, forward_with_grads, per_sample_grads
+
+# (input size, kernel, stride, padding, dilation) -> expected kind per dimension
+STRUCTURES = [
+    ((8,), 1, 1, 0, 1, "identity"),
+    ((8,), 1, 2, 0, 1, "downsample"),
+    ((8,), 1, 3, 0, 2, "downsample"),
+    ((8,), 2, 2, 0, 1, "dense"),
+    ((8,), 4, 4, 0, 1, "dense"),  # patchify stem
+    ((9,), 4, 4, 0, 1, "dense"),  # needs a crop of the last row
+    ((8,), 2, 3, 0, 1, "dense"),  # gap between windows, needs zero padding to O·S
+    ((9,), 3, 3, 1, 2, "crop"),  # rows 7, 8 are never read
+    ((8,), 3, 1, 1, 1, "general"),
+    ((8,), 2, 2, 1, 1, "general"),  # padded: not dense
+    ((9,), 2, 2, 0, 2, "general"),  # dilated: not dense
+    ((8,), 2, 2, 0, 2, "crop"),  # dilated, last row unread
+]
+
+
+@pytest.mark.parametrize(
+    "size,kernel,stride,padding,dilation,kind",
+    STRUCTURES,
+    ids=[f"I{s[0][0]}-k{s[1]}-s{s[2]}-p{s[3]}-d{s[4]}-{s[5]}" for s in STRUCTURES],
+)
+def test_simplification_fires(size, kernel, stride, padding, dilation, kind):
+    geometry = make_geometry(size, kernel, stride, padding, dilation)
+    (net,) = networks("weight_vjp", geometry, simplify=True, per_sample=True)
+    assert net.kinds == (kind,)
+    patterns = [op for op in net.operands if op.source is None]
+    if kind in ("identity", "downsample", "dense"):
+        assert patterns == []  # the pattern is eliminated
+    else:
+        (pattern,) = patterns
+        start, stop = pattern.pattern.rows
+        assert (stop - start < size[0]) == (kind == "crop")
+    if kind in ("identity", "downsample"):
+        assert "k1" in net.dropped and "k1" not in net.equation  # size-1 axis gone
+    # the unsimplified network always contracts the full pattern
+    (plain,) = networks("weight_vjp", geometry, simplify=False, per_sample=True)
+    assert plain.kinds == ("general",)
+    (pattern,) = [op for op in plain.operands if op.source is None]
+    assert pattern.pattern.rows == (0, size[0])
+
+
+def test_reduce_precontracts_pattern():
+    geometry = make_geometry((9, 9), 3, 1, 1)
+    (net,) = networks("kfac_input", geometry, approx="reduce")
+    patterns = [op for op in net.operands if op.source is None]
+    assert patterns and all(op.pattern.reduced for op in patterns)
+    assert all(len(op.axes) == 2 for op in patterns)  # Π̄[i, k]: no output axis
+    reduced = index_pattern(geometry.dims[0], reduced=True, dtype=torch.float64)
+    full = index_pattern(geometry.dims[0], dtype=torch.float64)
+    torch.testing.assert_close(reduced, full.sum(1))
+
+
+def test_describe_uses_named_axes():
+    geometry = make_geometry((8, 8), (1, 3), 1, (0, 1))
+    (net,) = networks("forward", geometry)
+    assert net.describe() == "x[n g c o1 i2], Π[i2 o2 k2], w[g d c k2] -> n g d o1 o2"
+
+
+def test_patterns_for_padding_modes():
+    """Padded positions point at the input element they copy."""
+    for mode, expected_first_row in [
+        ("zeros", None),
+        ("reflect", 1),
+        ("replicate", 0),
+        ("circular", 4),
+    ]:
+        (dim,) = make_geometry((5,), 3, padding=1, padding_mode=mode).dims
+        pattern = index_pattern(dim, dtype=torch.float64)  # [i, o, k]
+        column = pattern[:, 0, 0]  # output 0 reads padded position -1 at tap 0
+        if expected_first_row is None:
+            assert column.sum() == 0
+        else:
+            assert column.nonzero().flatten().tolist() == [expected_first_row]
+        assert pattern.sum() == (15 if mode != "zeros" else 13)
+
+
+def test_pattern_cache_per_device_and_dtype():
+    (dim,) = make_geometry((6,), 3, padding=1).dims
+    a = index_pattern(dim, dtype=torch.float32)
+    assert index_pattern(dim, dtype=torch.float32) is a
+    b = index_pattern(dim, dtype=torch.float64)
+    assert b.dtype == torch.float64 and b is not a
+
+
+def test_second_call_hits_every_cache():
+    x = torch.randn(4, 3, 10, 11)
+    kwargs = dict(stride=2, padding=1, approx="expand")
+    clear_caches()
+    tnf.kfac_input_factor(x, 3, **kwargs)
+    first = cache_stats()
+    assert first["contractions"].misses >= 1 and first["patterns"].misses >= 1
+    tnf.kfac_input_factor(x, 3, **kwargs)
+    second = cache_stats()
+    for name in ("contractions", "patterns", "networks"):
+        assert second[name].misses == first[name].misses, name  # nothing re-planned
+        assert second[name].hits > first[name].hits, name
+
+
+def test_lru_cache_is_bounded():
+    cache = LRUCache("test-bounded", maxsize=2)
+    for key in range(5):
+        cache.get_or_create(key, lambda k=key: k * 10)
+    assert len(cache) == 2
+    assert cache.get_or_create(4, lambda: -1) == 40  # most recent kept
+    assert cache.get_or_create(0, lambda: -1) == -1  # oldest evicted
+    with pytest.raises(ValueError, match="maxsize"):
+        LRUCache("test-invalid", maxsize=0)
+
+
+CHUNK_CASES = [
+    c for c in CASES if c.name in ("k3-s2-p1", "k2-s2-patchify", "k3-s1-p1-reflect")
+]
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=lambda c: c.id)
+def test_batch_chunking_matches(case: Case):
+    """A tiny memory budget forces chunking over the batch; results are unchanged."""
+    module, x, out, grad_out, _, gw = forward_with_grads(case)
+    grads = per_sample_grads(case, module, x, grad_out)
+    S = torch.randn(2, *out.shape, dtype=out.dtype)
+    old = get_memory_budget()
+    try:
+        set_memory_budget(64)
+        per_sample = tnf.weight_vjp(
+            x, grad_out, case.kernel_size, per_sample=True, **case.hyper
+        )
+        summed = tnf.weight_vjp(x, grad_out, case.kernel_size, **case.hyper)
+        diag_chunked = tnf.diag_ggn_weight(x, S, case.kernel_size, **case.hyper)
+        set_memory_budget(None)
+        diag = tnf.diag_ggn_weight(x, S, case.kernel_size, **case.hyper)
+    finally:
+        set_memory_budget(old)
+    close(per_sample, grads)
+    close(summed, gw)
+    close(diag_chunked, diag)
+    with pytest.raises(ValueError, match="memory budget"):
+        set_memory_budget(0)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.dims == 2], ids=lambda c: c.id)
+def test_batch_l2_formulations_agree(case: Case):
+    """Both batch-L2 formulations (per-sample and Gram) are right."""
+    module, x, _, grad_out, _, _ = forward_with_grads(case)
+    expected = per_sample_grads(case, module, x, grad_out).pow(2).flatten(1).sum(1)
+    geometry = make_geometry(
+        x.shape[2:],
+        case.kernel_size,
+        case.stride,
+        case.padding,
+        case.dilation,
+        case.groups,
+        case.padding_mode,
+    )
+    g = case.groups
+    tensors = {
+        "x": x.reshape(x.shape[0], g, -1, *x.shape[2:]),
+        "v": grad_out.reshape(grad_out.shape[0], g, -1, *grad_out.shape[2:]),
+    }
+    formulations = networks("batch_l2", geometry)
+    assert [f.label for f in formulations] == ["per_sample", "gram"]
+    for net in formulations:
+        close(evaluate((net,), tensors).reshape(-1), expected)
+
+
+def test_gram_form_chosen_for_small_spatial_size():
+    """Few output positions, many channels: the Gram form is cheaper and picked."""
+    from backpack_tn.tn.evaluate import choose
+
+    geometry = make_geometry((4, 4), 3, 1, 1)
+    shapes = {"x": (8, 1, 256, 4, 4), "v": (8, 1, 256, 4, 4)}
+    choice = choose(
+        networks("batch_l2", geometry), shapes, torch.float32, torch.device("cpu")
+    )
+    assert choice.network.label == "gram"
+    geometry = make_geometry((64, 64), 3, 1, 1)
+    shapes = {"x": (8, 1, 3, 64, 64), "v": (8, 1, 8, 64, 64)}
+    choice = choose(
+        networks("batch_l2", geometry), shapes, torch.float32, torch.device("cpu")
+    )
+    assert choice.network.label == "per_sample"
+
+
+LAYOUT_CASES = [
+    c for c in CASES if c.name in ("k3-s2-p1", "k3-s1-p1-groups2", "k2-s2-patchify")
+]
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
+@pytest.mark.parametrize(
+    "case", [c for c in LAYOUT_CASES if c.dims > 1], ids=lambda c: c.id
+)
+def test_memory_layouts(case: Case, layout: str):
+    module, x, out, grad_out, gx, gw = forward_with_grads(case)
+    if layout == "channels_last":
+        fmt = torch.channels_last if case.dims == 2 else torch.channels_last_3d
+        x_in, g_in = x.to(memory_format=fmt), grad_out.to(memory_format=fmt)
+        assert not x_in.is_contiguous()
+    else:  # a transposed copy transposed back: same values, permuted strides
+        x_in = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+        g_in = grad_out.transpose(-1, -2).contiguous().transpose(-1, -2)
+        assert not x_in.is_contiguous()
+    w = module.weight.detach()
+    close(tnf.conv(x_in, w, module.bias.detach(), **case.hyper), out)
+    close(tnf.weight_vjp(x_in, g_in, case.kernel_size, **case.hyper), gw)
+    close(tnf.input_vjp(g_in, w, x.shape, **case.hyper), gx)
+    close(
+        tnf.unfold(
+            x_in,
+            case.kernel_size,
+            stride=case.stride,
+            padding=case.padding,
+            dilation=case.dilation,
+            padding_mode=case.padding_mode,
+        ),
+        reference_unfold(case, x),
+    )
+
+
+FLOAT32_CASES = [
+    c
+    for c in CASES
+    if c.name in ("k3-s2-p1", "k3-s1-p1-groups2", "k1-s2-downsample", "k2-same-reflect")
+]
+
+
+@pytest.mark.parametrize("case", FLOAT32_CASES, ids=lambda c: c.id)
+def test_float32(case: Case):
+    dtype = torch.float32
+    module, x, out, grad_out, gx, gw = forward_with_grads(case, dtype)
+    w = module.weight.detach()
+    close(tnf.conv(x, w, module.bias.detach(), **case.hyper), out, dtype)
+    close(tnf.input_vjp(grad_out, w, x.shape, **case.hyper), gx, dtype)
+    close(tnf.weight_vjp(x, grad_out, case.kernel_size, **case.hyper), gw, dtype)
+    grads = per_sample_grads(case, module, x, grad_out)
+    close(
+        tnf.weight_vjp(x, grad_out, case.kernel_size, per_sample=True, **case.hyper),
+        grads,
+        dtype,
+    )
+    u = reference_unfold(case, x).reshape(
+        x.shape[0], case.groups, -1, out.shape[2:].numel()
+    )
+    expected = torch.einsum("ngio,ngjo->gij", u, u) / x.shape[0]
+    factor = tnf.kfac_input_factor(
+        x, case.kernel_size, groups_mode="separate", **case.hyper
+    )
+    close(factor, expected, dtype)
+
+
+def test_higher_dimensional_conv():
+    """Four spatial dimensions (no torch conv4d): compare with an explicit unfold."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 4, 3, 5, 4, dtype=torch.float64)
+    w = torch.randn(3, 2, 2, 1, 3, 2, dtype=torch.float64)
+    out = tnf.conv(x, w, stride=(1, 1, 2, 1), padding=(0, 0, 1, 1))
+    xp = F.pad(x, (1, 1, 1, 1))
+    # explicit loop over output positions
+    expected = torch.zeros(2, 3, 3, 3, 3, 5, dtype=torch.float64)
+    for a in range(3):
+        for b in range(3):
+            for c in range(3):
+                for d in range(5):
+                    patch = xp[:, :, a : a + 2, b : b + 1, 2 * c : 2 * c + 3, d : d + 2]
+                    expected[:, :, a, b, c, d] = torch.einsum(
+                        "ncijkl,ocijkl->no", patch, w
+                    )
+    close(out, expected)
+    unfolded = tnf.unfold(x, (2, 1, 3, 2), stride=(1, 1, 2, 1), padding=(0, 0, 1, 1))
+    assert unfolded.shape == (2, 2 * 12, 3 * 3 * 3 * 5)
+
+
+def test_only_padding_is_read():
+    """A dilated kernel that only ever lands on zero padding contributes nothing."""
+    x = torch.randn(2, 3, 1, dtype=torch.float64)
+    w = torch.randn(4, 3, 2, dtype=torch.float64)
+    out = tnf.conv(x, w, padding=2, dilation=3)
+    expected = F.conv1d(x, w, padding=2, dilation=3)
+    close(out, expected)
+    assert expected.abs().max() == 0

@@ -1,0 +1,170 @@
+"""``backpack_tn.functional`` against independent references over a config grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from backpack_tn import functional as tnf
+from tests.cases import CASES, Case, grouped_unfold, reference_unfold
+
+SIMPLIFY = [True, False]
+SIMPLIFY_IDS = ["simplified", "plain"]
+DTYPES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+}
+
+
+def close(actual: Tensor, expected: Tensor, dtype=torch.float64):
+    assert actual.shape == expected.shape
+    assert actual.dtype == expected.dtype
+    scale = expected.abs().max().clamp(min=1.0).item()
+    tol = DTYPES[dtype]
+    torch.testing.assert_close(
+        actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale
+    )
+
+
+def forward_with_grads(case: Case, dtype=torch.float64):
+    """Module output, input/weight gradients for a random output gradient (autograd)."""
+    module = case.module(dtype)
+    x = case.input(dtype).requires_grad_(True)
+    out = module(x)
+    torch.manual_seed(3)
+    grad_out = torch.randn_like(out)
+    gx, gw = torch.autograd.grad(out, (x, module.weight), grad_out)
+    return module, x.detach(), out.detach(), grad_out, gx, gw
+
+
+def per_sample_grads(case: Case, module, x: Tensor, grad_out: Tensor) -> Tensor:
+    """Per-sample weight gradients by an explicit loop over the batch."""
+    grads = []
+    for n in range(x.shape[0]):
+        out = module(x[n : n + 1])
+        (g,) = torch.autograd.grad(out, module.weight, grad_out[n : n + 1])
+        grads.append(g)
+    return torch.stack(grads)
+
+
+@pytest.fixture(params=CASES, ids=lambda c: c.id)
+def case(request) -> Case:
+    return request.param
+
+
+@pytest.fixture(params=SIMPLIFY, ids=SIMPLIFY_IDS)
+def simplify(request) -> bool:
+    return request.param
+
+
+def test_conv(case, simplify):
+    module, x, out, *_ = forward_with_grads(case)
+    result = tnf.conv(
+        x, module.weight.detach(), module.bias.detach(), simplify=simplify, **case.hyper
+    )
+    close(result, out)
+
+
+def test_unfold(case, simplify):
+    x = case.input()
+    hyper = {k: v for k, v in case.hyper.items() if k != "groups"}
+    close(
+        tnf.unfold(x, case.kernel_size, simplify=simplify, **hyper),
+        reference_unfold(case, x),
+    )
+
+
+def test_input_vjp(case, simplify):
+    module, x, _, grad_out, gx, _ = forward_with_grads(case)
+    result = tnf.input_vjp(
+        grad_out, module.weight.detach(), x.shape, simplify=simplify, **case.hyper
+    )
+    close(result, gx)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["summed", "per_sample"])
+def test_weight_vjp(case, simplify, per_sample):
+    module, x, _, grad_out, _, gw = forward_with_grads(case)
+    expected = per_sample_grads(case, module, x, grad_out) if per_sample else gw
+    result = tnf.weight_vjp(
+        x,
+        grad_out,
+        case.kernel_size,
+        per_sample=per_sample,
+        simplify=simplify,
+        **case.hyper,
+    )
+    close(result, expected)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("groups_mode", ["average", "separate"])
+def test_kfac_input_factor(case, simplify, approx, groups_mode):
+    x = case.input()
+    u = grouped_unfold(case, x)  # [N, G, C/G·K, O]
+    if groups_mode == "average":
+        u = u.mean(1, keepdim=True)
+    if approx == "reduce":
+        u = u.mean(-1, keepdim=True)
+    expected = torch.einsum("ngio,ngjo->gij", u, u) / x.shape[0]
+    if groups_mode == "average":
+        expected = expected[0]
+    result = tnf.kfac_input_factor(
+        x,
+        case.kernel_size,
+        approx=approx,
+        groups_mode=groups_mode,
+        simplify=simplify,
+        **case.hyper,
+    )
+    close(result, expected)
+
+
+def _reference_sqrt_ggn(case: Case, x: Tensor, S: Tensor) -> Tensor:
+    u = grouped_unfold(case, x)  # [N, G, C/G·K, O]
+    V, N = S.shape[:2]
+    s = S.reshape(V, N, case.groups, case.c_out // case.groups, -1)
+    jt_s = torch.einsum("vngdo,ngio->vngdi", s, u)
+    return jt_s.reshape(
+        V, N, case.c_out, case.c_in // case.groups, *case.module().weight.shape[2:]
+    )
+
+
+def _random_S(case: Case, out: Tensor, classes: int = 3) -> Tensor:
+    torch.manual_seed(4)
+    return torch.randn(classes, *out.shape, dtype=out.dtype)
+
+
+def test_sqrt_ggn_weight(case, simplify):
+    _, x, out, *_ = forward_with_grads(case)
+    S = _random_S(case, out)
+    result = tnf.sqrt_ggn_weight(
+        x, S, case.kernel_size, simplify=simplify, **case.hyper
+    )
+    close(result, _reference_sqrt_ggn(case, x, S))
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["summed", "per_sample"])
+def test_diag_ggn_weight(case, simplify, per_sample):
+    _, x, out, *_ = forward_with_grads(case)
+    S = _random_S(case, out)
+    sqrt = _reference_sqrt_ggn(case, x, S)
+    expected = sqrt.pow(2).sum(0) if per_sample else sqrt.pow(2).sum((0, 1))
+    result = tnf.diag_ggn_weight(
+        x, S, case.kernel_size, per_sample=per_sample, simplify=simplify, **case.hyper
+    )
+    close(result, expected)
+
+
+def test_batch_l2_and_sum_grad_squared(case, simplify):
+    module, x, _, grad_out, _, _ = forward_with_grads(case)
+    grads = per_sample_grads(case, module, x, grad_out)
+    l2 = tnf.batch_l2_weight(
+        x, grad_out, case.kernel_size, simplify=simplify, **case.hyper
+    )
+    close(l2, grads.pow(2).flatten(1).sum(1))
+    sgs = tnf.sum_grad_squared_weight(
+        x, grad_out, case.kernel_size, simplify=simplify, **case.hyper
+    )
+    close(sgs, grads.pow(2).sum(0))
