@@ -1,0 +1,1 @@
+"""Benchmark harness: ``python -m backpack_tn.bench``."""

@@ -1,0 +1,122 @@
+"""Timing and peak-memory measurement for benchmarks.
+
+Time: median of repeated calls after a warm-up (CUDA: events, synchronised).
+Memory: extra memory a call needs beyond what is alive before it.
+
+* CUDA: ``torch.cuda.max_memory_allocated`` after a reset of the peak counter.
+* CPU (Linux): the process's peak resident set size (``VmHWM``), reset before each
+  call via ``/proc/self/clear_refs``. glibc's ``malloc`` is told to serve every block of
+  64 KiB or more with ``mmap`` so that freed tensors really leave the resident set and
+  the next measurement starts clean. The number includes temporary buffers of BLAS
+  and other libraries — it is what the operating system had to provide.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+_M_MMAP_THRESHOLD = -3
+_MMAP_CONFIGURED = False
+
+
+def _configure_malloc() -> None:
+    global _MMAP_CONFIGURED
+    if _MMAP_CONFIGURED:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+    except OSError:  # not glibc: measurements are coarser but still valid peaks
+        pass
+    _MMAP_CONFIGURED = True
+
+
+def _proc_status(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def cpu_memory_supported() -> bool:
+    """Whether peak-RSS measurement works here (Linux with writable clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        _proc_status("VmHWM")
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak extra memory in bytes while ``fn`` runs (its result is dropped).
+
+    Args:
+        fn: Zero-argument function to measure.
+        device: Device the computation runs on.
+
+    Returns:
+        Bytes above the memory in use before the call, or ``None`` if the platform
+        offers no way to measure.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        del result
+        return peak - base
+    if not cpu_memory_supported():
+        return None
+    _configure_malloc()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset VmHWM to the current RSS
+    base = _proc_status("VmRSS")
+    result = fn()
+    peak = _proc_status("VmHWM")
+    del result
+    return max(peak - base, 0)
+
+
+def median_time(
+    fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1
+) -> float:
+    """Median wall-clock time of ``fn`` in seconds.
+
+    Args:
+        fn: Zero-argument function to time.
+        device: Device the computation runs on (CUDA uses events).
+        repeats: Number of timed calls.
+        warmup: Untimed calls before (plans, caches, allocator warm-up).
+
+    Returns:
+        The median time in seconds.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            start_time = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start_time)
+    return statistics.median(times)
