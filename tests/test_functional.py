@@ -7,10 +7,12 @@ import torch
 from torch import Tensor
 
 from backpack_tn import functional as tnf
+from backpack_tn.tn.evaluate import force_strategy
 from tests.cases import CASES, Case, grouped_unfold, reference_unfold
 
-SIMPLIFY = [True, False]
-SIMPLIFY_IDS = ["simplified", "plain"]
+# (simplify, forced strategy): the plain TN, and both strategies of the simplified one
+SIMPLIFY = [(False, None), (True, "pattern"), (True, "window")]
+SIMPLIFY_IDS = ["plain", "pattern", "window"]
 DTYPES = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
     torch.float32: dict(rtol=1e-5, atol=1e-5),
@@ -55,7 +57,9 @@ def case(request) -> Case:
 
 @pytest.fixture(params=SIMPLIFY, ids=SIMPLIFY_IDS)
 def simplify(request) -> bool:
-    return request.param
+    simplify, strategy = request.param
+    with force_strategy(strategy):
+        yield simplify
 
 
 def test_conv(case, simplify):

@@ -25,6 +25,7 @@ from backpack.utils.conv import extract_weight_diagonal, unfold_input
 from torch import Tensor, einsum, nn
 
 from backpack_tn import functional as tnf
+from backpack_tn.tn.evaluate import force_strategy
 
 
 @dataclass
@@ -156,19 +157,30 @@ STOCK: Dict[str, Dict[str, Implementation]] = {
 }
 
 
-def tn_implementation(op: str, simplify: bool, groups_mode: str = "average"):
+def tn_implementation(
+    op: str,
+    simplify: bool,
+    groups_mode: str = "average",
+    strategy: Optional[str] = None,
+):
     """The ``backpack_tn`` implementation of an operation.
 
     Args:
         op: ``'kfac_expand'``, ``'kfac_reduce'``, ``'per_sample_grad'``, ``'diag_ggn'``.
         simplify: Use the simplified networks.
         groups_mode: Channel-group convention for KFAC factors.
+        strategy: Force the ``'pattern'`` or ``'window'`` strategy (default: the
+            engine's choice).
 
     Returns:
         A function of a :class:`Problem`.
     """
 
     def run(p: Problem) -> Tensor:
+        with force_strategy(strategy):
+            return compute(p)
+
+    def compute(p: Problem) -> Tensor:
         k = p.module.kernel_size
         if op in ("kfac_expand", "kfac_reduce"):
             approx = op.split("_")[1]

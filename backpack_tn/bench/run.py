@@ -33,9 +33,18 @@ class Measurement:
 
 
 def implementations(op: str, problem, with_plain: bool = True):
-    """All applicable implementations of an operation: TN first, then stock ones."""
+    """All applicable implementations of an operation: TN first, then stock ones.
+
+    ``tn`` is the engine's automatic choice; with ``with_plain`` also each strategy
+    forced (``tn-pattern``, ``tn-window``) and the unsimplified network (``tn-plain``).
+    """
     impls = {"tn": (tn_implementation(op, True), "average")}
     if with_plain:
+        for strategy in ("pattern", "window"):
+            impls[f"tn-{strategy}"] = (
+                tn_implementation(op, True, strategy=strategy),
+                "average",
+            )
         impls["tn-plain"] = (tn_implementation(op, False), "average")
     for name, impl in STOCK[op].items():
         if impl.available(problem):

@@ -5,8 +5,11 @@ reshape): input ``x[n, g, c, *I]``, kernel ``w[g, d, c, *K]``, output gradient
 ``v[n, g, d, *O]``, backpropagated GGN factor ``s[v, n, g, d, *O]``.
 
 Each builder returns one or more *formulations* (equivalent networks); the engine picks
-one per call (see :mod:`backpack_tn.tn.evaluate`). Builders are pure functions of the
-geometry and options and are cached.
+one per call (see :mod:`backpack_tn.tn.evaluate`). Besides the simplified pattern
+network, every operation whose result is not on the input grid gets a *window* variant
+in which surviving patterns are applied as strided views of the padded input
+(im2col as a view) — cheaper where one-hot pattern contractions would dominate.
+Builders are pure functions of the geometry and options and are cached.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ _NETWORKS: LRUCache[Formulations] = LRUCache("networks", maxsize=1024)
 _PRIME = "'"
 
 
-def _plans(geometry: ConvGeometry, simplify: bool) -> Tuple[DimPlan, ...]:
-    return tuple(plan_dim(d, simplify) for d in geometry.dims)
+def _plans(
+    geometry: ConvGeometry, simplify: bool, windows: bool = False
+) -> Tuple[DimPlan, ...]:
+    return tuple(plan_dim(d, simplify, windows) for d in geometry.dims)
 
 
 def _forward(plans) -> Formulations:
@@ -177,6 +182,14 @@ def networks(
     """
     options_key = tuple(sorted(options.items()))
     key = (op, geometry, simplify, options_key)
-    return _NETWORKS.get_or_create(
-        key, lambda: _build(op, _plans(geometry, simplify), options_key)
-    )
+
+    def build() -> Formulations:
+        formulations = _build(op, _plans(geometry, simplify), options_key)
+        window_plans = _plans(geometry, simplify, windows=True)
+        # Strided-window variants where a pattern survived simplification; not for
+        # results on the input grid (overlapping windows would need a scatter-add).
+        if op != "input_vjp" and any(p.kind == "window" for p in window_plans):
+            formulations += _build(op, window_plans, options_key)
+        return formulations
+
+    return _NETWORKS.get_or_create(key, build)

@@ -19,8 +19,9 @@ formulations or executors in :data:`EXECUTORS`; callers do not change.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import opt_einsum
 import torch
@@ -34,6 +35,34 @@ from backpack_tn.tn.patterns import index_pattern
 Shape = Tuple[int, ...]
 
 _BUDGET: Dict[str, Optional[int]] = {"bytes": 2**30}
+_FORCED: Dict[str, Optional[str]] = {"strategy": None}
+STRATEGIES = ("pattern", "window")
+
+
+@contextmanager
+def force_strategy(strategy: Optional[str]) -> Iterator[None]:
+    """Within the context, use only formulations of one strategy where available.
+
+    For benchmarks and tests; normal use lets the engine choose.
+
+    Args:
+        strategy: ``'pattern'`` (contract index patterns), ``'window'`` (strided
+            views of the padded input) or ``None`` (automatic choice).
+
+    Yields:
+        Nothing.
+
+    Raises:
+        ValueError: For an unknown strategy.
+    """
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES} or None, got {strategy!r}.")
+    previous = _FORCED["strategy"]
+    _FORCED["strategy"] = strategy
+    try:
+        yield
+    finally:
+        _FORCED["strategy"] = previous
 
 
 def set_memory_budget(num_bytes: Optional[int]) -> None:
@@ -84,29 +113,41 @@ def _plan(equation: str, shapes: Sequence[Shape], dtype, device) -> ContractionP
 
 
 def _view_length(view: SpatialView) -> int:
-    return len(range(view.start, view.stop, view.step)) + view.pad
+    rows = len(view.index) if view.index is not None else len(range(view.start, view.stop, view.step))
+    return rows + sum(view.pad)
 
 
 def _viewed_shape(shape: Shape, views: Tuple[SpatialView, ...]) -> Shape:
     lead = len(shape) - len(views)
     out = list(shape[:lead])
     for view in views:
-        out.extend(view.split[::2] if view.split else (_view_length(view),))
+        if view.split:
+            out.extend(view.split[::2])
+        elif view.window:
+            out.extend((view.window[0], view.window[2]))
+        else:
+            out.append(_view_length(view))
     return tuple(out)
 
 
 def _apply_views(tensor: Tensor, views: Tuple[SpatialView, ...]) -> Tensor:
-    """Slice, pad and split the trailing spatial axes; views where possible."""
+    """Slice, gather, pad and cut windows on the trailing spatial axes.
+
+    Everything but the gather and the zero padding is a view of the input.
+    """
     lead = tensor.dim() - len(views)
-    # Walk backwards so splitting an axis does not shift the ones still to visit.
+    # Walk backwards so turning an axis into two does not shift the ones to visit.
     for pos in reversed(range(lead, tensor.dim())):
         view = views[pos - lead]
-        if (view.start, view.stop, view.step) != (0, tensor.shape[pos], 1):
+        if view.index is not None:
+            index = torch.tensor(view.index, device=tensor.device)
+            tensor = tensor.index_select(pos, index)
+        elif (view.start, view.stop, view.step) != (0, tensor.shape[pos], 1):
             index = (slice(None),) * pos + (slice(view.start, view.stop, view.step),)
             tensor = tensor[index]
-        if view.pad:
+        if any(view.pad):
             pad = [0] * (2 * (tensor.dim() - pos))
-            pad[-1] = view.pad
+            pad[-2:] = view.pad
             tensor = F.pad(tensor, pad)
         if view.split:
             out, stride, kernel = view.split
@@ -114,6 +155,13 @@ def _apply_views(tensor: Tensor, views: Tuple[SpatialView, ...]) -> Tensor:
             tensor = tensor.reshape(*shape[:pos], out, stride, *shape[pos + 1 :])
             if kernel != stride:
                 tensor = tensor.narrow(pos + 1, 0, kernel)
+        elif view.window:
+            out, stride, kernel, dilation = view.window
+            span = dilation * (kernel - 1) + 1
+            tensor = tensor.unfold(pos, span, stride).movedim(-1, pos + 1)
+            if dilation > 1:
+                index = (slice(None),) * (pos + 1) + (slice(None, None, dilation),)
+                tensor = tensor[index]
     return tensor
 
 
@@ -121,7 +169,8 @@ def _embed(result: Tensor, views: Tuple[SpatialView, ...], sizes: Shape) -> Tens
     """Inverse of :func:`_apply_views`: scatter ``result`` into zeros of full size."""
     lead = result.dim() - sum(2 if v.split else 1 for v in views)
     # On the enlarged zero tensor the zero-padding of a view is real storage.
-    views = tuple(replace(v, stop=v.stop + v.pad, pad=0) for v in views)
+    # (Only slices and non-overlapping splits occur here: see conv.py.)
+    views = tuple(replace(v, stop=v.stop + v.pad[1], pad=(0, 0)) for v in views)
     padded = [max(size, v.stop) for size, v in zip(sizes, views)]
     full = result.new_zeros(*result.shape[:lead], *padded)
     target = _apply_views(full, views)
@@ -151,17 +200,37 @@ def _operand_shape(net: TensorNetwork, op: Operand, shapes: Mapping[str, Shape])
     return tuple(s for a, s in zip(op.axes, full) if a not in net.dropped)
 
 
-def _materialise(
-    net: TensorNetwork, op: Operand, tensors: Mapping[str, Tensor], dtype, device
-) -> Tensor:
-    if op.source is None:
-        ref = op.pattern
-        return index_pattern(
-            ref.geometry, rows=ref.rows, reduced=ref.reduced, dtype=dtype, device=device
-        )
-    tensor = _apply_views(tensors[op.source], op.views)
-    drop = tuple(p for p, a in enumerate(op.axes) if a in net.dropped)
-    return tensor.squeeze(drop) if drop else tensor
+def _materialise_all(
+    net: TensorNetwork, tensors: Mapping[str, Tensor], dtype, device
+) -> list:
+    """All operands; an input read twice the same way is viewed (and copied) once."""
+    done: Dict[tuple, Tensor] = {}
+    operands = []
+    for op in net.operands:
+        if op.source is None:
+            ref = op.pattern
+            operands.append(
+                index_pattern(
+                    ref.geometry,
+                    rows=ref.rows,
+                    reduced=ref.reduced,
+                    dtype=dtype,
+                    device=device,
+                )
+            )
+            continue
+        drop = tuple(p for p, a in enumerate(op.axes) if a in net.dropped)
+        key = (op.source, op.views, drop)
+        if key not in done:
+            tensor = _apply_views(tensors[op.source], op.views)
+            tensor = tensor.squeeze(drop) if drop else tensor
+            if any(v.window for v in op.views):
+                # Overlapping windows: every BLAS call would copy the view anyway;
+                # copy once so operands reading it share one buffer.
+                tensor = tensor.contiguous()
+            done[key] = tensor
+        operands.append(done[key])
+    return operands
 
 
 # --- execution ------------------------------------------------------------------------
@@ -203,6 +272,10 @@ def choose(
     Returns:
         The choice; all planning information comes from caches after the first call.
     """
+    forced = _FORCED["strategy"]
+    if forced is not None:
+        matching = [f for f in formulations if f.strategy == forced]
+        formulations = matching or formulations
     best = None
     for net in formulations:
         op_shapes = [_operand_shape(net, op, shapes) for op in net.operands]
@@ -237,9 +310,7 @@ def _run_einsum(choice: Choice, tensors: Mapping[str, Tensor]) -> Tensor:
     any_tensor = next(iter(tensors.values()))
     dtype, device = any_tensor.dtype, any_tensor.device
     if choice.chunks == 1:
-        operands = [
-            _materialise(net, op, tensors, dtype, device) for op in net.operands
-        ]
+        operands = _materialise_all(net, tensors, dtype, device)
         return _contract(net, choice.plan, operands)
 
     # ``n`` is a leading axis, so its position is the same before and after views.
@@ -261,7 +332,7 @@ def _run_einsum(choice: Choice, tensors: Mapping[str, Tensor]) -> Tensor:
             else t
             for name, t in tensors.items()
         }
-        operands = [_materialise(net, op, chunk, dtype, device) for op in net.operands]
+        operands = _materialise_all(net, chunk, dtype, device)
         shapes = [tuple(o.shape) for o in operands]
         plan = _plan(net.equation, shapes, dtype, device)
         part = _contract(net, plan, operands)

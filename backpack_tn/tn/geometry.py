@@ -63,7 +63,18 @@ class DimGeometry:
         Returns:
             The input index, or ``None`` if the position is zero padding.
         """
-        i = o * self.stride + k * self.dilation - self.pad_left
+        return self.resolve(o * self.stride + k * self.dilation - self.pad_left)
+
+    def resolve(self, i: int) -> int | None:
+        """Input element at position ``i`` of the padded axis (``0`` = first input).
+
+        Args:
+            i: Position relative to the unpadded input; negative or ``≥ I`` inside
+                the padding.
+
+        Returns:
+            The input index copied there, or ``None`` for zero padding.
+        """
         size = self.input_size
         if 0 <= i < size:
             return i

@@ -36,15 +36,21 @@ Axes = Tuple[str, ...]
 class SpatialView:
     """How one spatial axis of an input-like tensor is read before contraction.
 
-    The axis is sliced ``[start:stop:step]``, then ``pad`` zeros are appended, then (if
-    ``split`` = ``(O, S, K)``) it is reshaped to ``(O, S)`` and cut to ``(O, K)``.
+    Applied in this order: slice ``[start:stop:step]``; or, if ``index`` is given,
+    gather those rows instead (padding modes that copy input elements); append
+    ``pad = (before, after)`` zeros; then either cut into non-overlapping windows
+    (``split = (O, S, K)``: reshape to ``(O, S)``, keep ``(O, K)``) or into
+    overlapping ones (``window = (O, S, K, D)``: a strided view, no copy). Both
+    window forms turn the axis into the two axes ``(o, k)``.
     """
 
     start: int
     stop: int
     step: int = 1
-    pad: int = 0
+    pad: Tuple[int, int] = (0, 0)
+    index: Optional[Tuple[int, ...]] = None
     split: Optional[Tuple[int, int, int]] = None
+    window: Optional[Tuple[int, int, int, int]] = None
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,9 @@ class DimPlan:
 
     Attributes:
         geometry: The dimension's geometry.
-        kind: ``'identity'``, ``'downsample'``, ``'dense'``, ``'crop'``, ``'general'``.
+        kind: ``'identity'``, ``'downsample'``, ``'dense'``, ``'crop'``,
+            ``'general'`` (contract with the pattern) or ``'window'`` (apply the
+            pattern as a strided view of the padded input).
         view: How the input axis is read.
         x_roles: Roles of the axes the viewed input axis becomes: ``('o',)``,
             ``('o', 'k')`` or ``('i',)``.
@@ -73,12 +81,14 @@ class DimPlan:
         return self.kind in ("identity", "downsample")
 
 
-def plan_dim(dim: DimGeometry, simplify: bool = True) -> DimPlan:
+def plan_dim(dim: DimGeometry, simplify: bool = True, windows: bool = False) -> DimPlan:
     """Decide how to treat one spatial dimension (DESIGN §2.3).
 
     Args:
         dim: Geometry of the dimension.
         simplify: If ``False``, always contract with the full pattern.
+        windows: Replace patterns that survive simplification by a strided window
+            view of the (padded) input: im2col as a view, contracted by BLAS.
 
     Returns:
         The dimension's plan.
@@ -97,13 +107,32 @@ def plan_dim(dim: DimGeometry, simplify: bool = True) -> DimPlan:
     if kind == "dense":
         length = out * stride
         view = SpatialView(
-            0, min(size, length), pad=max(0, length - size), split=(out, stride, kernel)
+            0,
+            min(size, length),
+            pad=(0, max(0, length - size)),
+            split=(out, stride, kernel),
         )
         return DimPlan(dim, kind, view, ("o", "k"), None)
+    if windows and simplify:
+        return DimPlan(dim, "window", _window_view(dim), ("o", "k"), None)
     if kind == "crop":
         start, stop = touched_rows(dim)
         return DimPlan(dim, kind, SpatialView(start, stop), ("i",), (start, stop))
     return DimPlan(dim, "general", SpatialView(0, size), ("i",), (0, size))
+
+
+def _window_view(dim: DimGeometry) -> SpatialView:
+    """Strided-window view: pad (zeros, or gather copied rows), then windows."""
+    window = (dim.output_size, dim.stride, dim.kernel_size, dim.dilation)
+    # Only the first ``span`` rows of the padded axis are read.
+    span = (dim.output_size - 1) * dim.stride + dim.dilation * (dim.kernel_size - 1) + 1
+    if dim.padding_mode == "zeros" or not dim.padded:
+        before = min(dim.pad_left, span)
+        stop = min(max(span - dim.pad_left, 0), dim.input_size)
+        after = span - before - stop
+        return SpatialView(0, stop, pad=(before, after), window=window)
+    index = tuple(dim.resolve(j) for j in range(-dim.pad_left, span - dim.pad_left))
+    return SpatialView(0, dim.input_size, index=index, window=window)
 
 
 @dataclass(frozen=True)
@@ -183,6 +212,11 @@ class TensorNetwork:
 
         inputs = ",".join(term(op.axes) for op in self.operands)
         return f"{inputs}->{term(self.output)}"
+
+    @property
+    def strategy(self) -> str:
+        """``'window'`` if patterns are applied as strided views, else ``'pattern'``."""
+        return "window" if "window" in self.kinds else "pattern"
 
     @property
     def kinds(self) -> Tuple[str, ...]:
