@@ -371,7 +371,7 @@ def kfac_input_factor(
         x.shape, kernel_size, stride, padding, dilation, groups, padding_mode
     )
     grouped = _group_input(x, groups)
-    if groups_mode == "average":
+    if groups_mode == "average" and groups > 1:  # G = 1: the mean would only copy
         grouped = grouped.mean(1, keepdim=True)
     out = _run("kfac_input", geometry, simplify, {"x": grouped}, approx=approx)
     scale = 1.0 / x.shape[0]

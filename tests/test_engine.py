@@ -80,7 +80,7 @@ def test_reduce_precontracts_pattern():
 def test_describe_uses_named_axes():
     geometry = make_geometry((8, 8), (1, 3), 1, (0, 1))
     net, window = networks("forward", geometry)
-    assert window.describe() == "x[n g c o1 o2 k2], w[g d c k2] -> n g d o1 o2"
+    assert window.describe() == "x[n g o1 o2 c k2], w[g d c k2] -> n g d o1 o2"
     assert net.describe() == "x[n g c o1 i2], Π[i2 o2 k2], w[g d c k2] -> n g d o1 o2"
 
 

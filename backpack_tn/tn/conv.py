@@ -14,6 +14,7 @@ Builders are pure functions of the geometry and options and are cached.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Tuple
 
 from backpack_tn.tn.cache import LRUCache
@@ -164,6 +165,23 @@ def _build(op: str, plans, options: tuple) -> Formulations:
     raise ValueError(f"Unknown operation {op!r}.")
 
 
+def _with_window_layouts(net: TensorNetwork) -> TensorNetwork:
+    """Lay out each window-viewed operand as (result axes…, contracted axes…).
+
+    The contiguous copy of a window view is then already in the shape a batched GEMM
+    wants (for the input: F.unfold's ``[n, g, c, k…, o…]``), so BLAS copies nothing
+    more.
+    """
+    operands = []
+    for op in net.operands:
+        if any(v.window for v in op.views):
+            kept = [a for a in net.output if a in op.axes]
+            rest = [a for a in op.axes if a not in kept]
+            op = replace(op, layout=tuple(kept + rest))
+        operands.append(op)
+    return replace(net, operands=tuple(operands))
+
+
 def networks(
     op: str, geometry: ConvGeometry, simplify: bool = True, **options
 ) -> Formulations:
@@ -189,7 +207,8 @@ def networks(
         # Strided-window variants where a pattern survived simplification; not for
         # results on the input grid (overlapping windows would need a scatter-add).
         if op != "input_vjp" and any(p.kind == "window" for p in window_plans):
-            formulations += _build(op, window_plans, options_key)
+            windowed = _build(op, window_plans, options_key)
+            formulations += tuple(_with_window_layouts(net) for net in windowed)
         return formulations
 
     return _NETWORKS.get_or_create(key, build)

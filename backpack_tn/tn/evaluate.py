@@ -197,7 +197,8 @@ def _operand_shape(net: TensorNetwork, op: Operand, shapes: Mapping[str, Shape])
         )
     else:
         full = _viewed_shape(shapes[op.source], op.views)
-    return tuple(s for a, s in zip(op.axes, full) if a not in net.dropped)
+    sizes = dict(zip(op.axes, full))
+    return tuple(sizes[a] for a in net.kept(op.contracted_axes))
 
 
 def _materialise_all(
@@ -220,14 +221,14 @@ def _materialise_all(
             )
             continue
         drop = tuple(p for p, a in enumerate(op.axes) if a in net.dropped)
-        key = (op.source, op.views, drop)
+        key = (op.source, op.views, drop, op.layout)
         if key not in done:
             tensor = _apply_views(tensors[op.source], op.views)
             tensor = tensor.squeeze(drop) if drop else tensor
-            if any(v.window for v in op.views):
-                # Overlapping windows: every BLAS call would copy the view anyway;
-                # copy once so operands reading it share one buffer.
-                tensor = tensor.contiguous()
+            if op.layout is not None:
+                kept = net.kept(op.axes)
+                perm = [kept.index(a) for a in net.kept(op.layout)]
+                tensor = tensor.permute(perm).contiguous()
             done[key] = tensor
         operands.append(done[key])
     return operands
@@ -251,7 +252,7 @@ def _epilogue_cost(net: TensorNetwork, shapes: Sequence[Shape]) -> float:
         return 0.0
     sizes = {}
     for op, shape in zip(net.operands, shapes):
-        sizes.update(zip(net.kept(op.axes), shape))
+        sizes.update(zip(net.kept(op.contracted_axes), shape))
     return float(math.prod(sizes[a] for a in net.kept(net.output)))
 
 

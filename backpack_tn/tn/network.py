@@ -155,12 +155,21 @@ class Operand:
         views: Views applied to the trailing spatial axes of the source tensor (empty
             for tensors that are used as they are).
         pattern: The pattern this operand is, if ``source`` is ``None``.
+        layout: If not ``None``, the viewed tensor is permuted to this axis order and
+            copied to contiguous memory (window views, which BLAS would copy anyway:
+            choosing the order makes that copy the only one).
     """
 
     source: Optional[str]
     axes: Axes
     views: Tuple[SpatialView, ...] = ()
     pattern: Optional[PatternRef] = None
+    layout: Optional[Axes] = None
+
+    @property
+    def contracted_axes(self) -> Axes:
+        """Axis names in the order the contraction sees them."""
+        return self.layout if self.layout is not None else self.axes
 
 
 @dataclass(frozen=True)
@@ -204,13 +213,13 @@ class TensorNetwork:
         """The einsum equation of the contraction, one letter per named axis."""
         names: list = []
         for op in self.operands:
-            names.extend(a for a in self.kept(op.axes) if a not in names)
+            names.extend(a for a in self.kept(op.contracted_axes) if a not in names)
         sym = {name: opt_einsum.get_symbol(i) for i, name in enumerate(names)}
 
         def term(axes: Axes) -> str:
             return "".join(sym[a] for a in self.kept(axes))
 
-        inputs = ",".join(term(op.axes) for op in self.operands)
+        inputs = ",".join(term(op.contracted_axes) for op in self.operands)
         return f"{inputs}->{term(self.output)}"
 
     @property
@@ -230,7 +239,7 @@ class TensorNetwork:
             name = op.source or (
                 "Π̄" if op.pattern is not None and op.pattern.reduced else "Π"
             )
-            parts.append(f"{name}[{' '.join(self.kept(op.axes))}]")
+            parts.append(f"{name}[{' '.join(self.kept(op.contracted_axes))}]")
         out = " ".join(self.kept(self.output))
         text = f"{', '.join(parts)} -> {out}"
         if self.square_sum:
