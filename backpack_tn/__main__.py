@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from typing import Dict, List
 
 import torch
@@ -65,6 +66,7 @@ def collect_problems(
     """Forward/backward once; return one problem per convolution layer."""
     inputs: Dict[nn.Module, torch.Tensor] = {}
     grads: Dict[nn.Module, torch.Tensor] = {}
+
     def hook(module, inp, out):
         inputs[module] = inp[0].detach()
         out.register_hook(lambda grad: grads.__setitem__(module, grad.detach()))
@@ -136,11 +138,12 @@ def main(argv=None) -> int:
             m_tn = m_stock = 0
             error = 0.0
             for problem in problems:
-                error = max(error, check(stock(problem), tn(problem)))
-                t_tn += median_time(lambda: tn(problem), device, args.repeats)
-                t_stock += median_time(lambda: stock(problem), device, args.repeats)
-                m_tn = max(m_tn, peak_memory(lambda: tn(problem), device) or 0)
-                m_stock = max(m_stock, peak_memory(lambda: stock(problem), device) or 0)
+                run_tn, run_stock = partial(tn, problem), partial(stock, problem)
+                error = max(error, check(run_stock(), run_tn()))
+                t_tn += median_time(run_tn, device, args.repeats)
+                t_stock += median_time(run_stock, device, args.repeats)
+                m_tn = max(m_tn, peak_memory(run_tn, device) or 0)
+                m_stock = max(m_stock, peak_memory(run_stock, device) or 0)
                 bar.update()
             ok &= error <= tolerance
             rows.append((label, stock_name, t_tn, t_stock, m_tn, m_stock, error))

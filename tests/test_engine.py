@@ -18,7 +18,7 @@ from backpack_tn.tn import (
     set_memory_budget,
 )
 from backpack_tn.tn.cache import LRUCache
-from backpack_tn.tn.evaluate import force_strategy
+from backpack_tn.tn.evaluate import candidates, force_strategy
 from tests.cases import CASES, Case, reference_unfold
 from tests.test_functional import close, forward_with_grads, per_sample_grads
 
@@ -49,7 +49,9 @@ def test_simplification_fires(size, kernel, stride, padding, dilation, kind):
     net, *window = networks("weight_vjp", geometry, simplify=True, per_sample=True)
     assert net.kinds == (kind,)
     # a strided-window variant exists exactly where a pattern survives
-    assert [w.kinds for w in window] == ([("window",)] if kind in ("crop", "general") else [])
+    assert [w.kinds for w in window] == (
+        [("window",)] if kind in ("crop", "general") else []
+    )
     patterns = [op for op in net.operands if op.source is None]
     if kind in ("identity", "downsample", "dense"):
         assert patterns == []  # the pattern is eliminated
@@ -114,7 +116,9 @@ def test_pattern_cache_per_device_and_dtype():
 def test_second_call_hits_every_cache(strategy):
     x = torch.randn(4, 3, 10, 11)
     kwargs = dict(stride=2, padding=1, approx="expand")
-    caches = ["contractions", "networks"] + (["patterns"] if strategy == "pattern" else [])
+    caches = ["contractions", "networks"] + (
+        ["patterns"] if strategy == "pattern" else []
+    )
     clear_caches()
     with force_strategy(strategy):
         tnf.kfac_input_factor(x, 3, **kwargs)
@@ -194,22 +198,22 @@ def test_batch_l2_formulations_agree(case: Case):
         close(evaluate((net,), tensors).reshape(-1), expected)
 
 
-def test_gram_form_chosen_for_small_spatial_size():
-    """Few output positions, many channels: the Gram form is cheaper and picked."""
-    from backpack_tn.tn.evaluate import choose
+def test_gram_form_cheapest_for_small_spatial_size():
+    """Few output positions, many channels: the Gram form is estimated cheapest."""
 
-    geometry = make_geometry((4, 4), 3, 1, 1)
-    shapes = {"x": (8, 1, 256, 4, 4), "v": (8, 1, 256, 4, 4)}
-    choice = choose(
-        networks("batch_l2", geometry), shapes, torch.float32, torch.device("cpu")
-    )
-    assert choice.network.label == "gram"
-    geometry = make_geometry((64, 64), 3, 1, 1)
-    shapes = {"x": (8, 1, 3, 64, 64), "v": (8, 1, 8, 64, 64)}
-    choice = choose(
-        networks("batch_l2", geometry), shapes, torch.float32, torch.device("cpu")
-    )
-    assert choice.network.label == "per_sample"
+    def cheapest(size, channels_in, channels_out):
+        geometry = make_geometry((size, size), 3, 1, 1)
+        shapes = {
+            "x": (8, 1, channels_in, size, size),
+            "v": (8, 1, channels_out, size, size),
+        }
+        options = candidates(
+            networks("batch_l2", geometry), shapes, torch.float32, torch.device("cpu")
+        )
+        return min(options, key=lambda c: c.cost).network.label
+
+    assert cheapest(4, 256, 256) == "gram"
+    assert cheapest(64, 3, 8) == "per_sample"
 
 
 LAYOUT_CASES = [
@@ -309,3 +313,48 @@ def test_only_padding_is_read():
     expected = F.conv1d(x, w, padding=2, dilation=3)
     close(out, expected)
     assert expected.abs().max() == 0
+
+
+def test_taps_candidate_exists_where_applicable():
+    geometry = make_geometry((9, 9), 3, 1, 1)
+    shapes = {"x": (2, 1, 4, 9, 9), "v": (2, 1, 6, 9, 9)}
+    args = (shapes, torch.float64, torch.device("cpu"))
+    per_sample = networks("weight_vjp", geometry, per_sample=True)
+    assert {c.strategy for c in candidates(per_sample, *args)} == {
+        "pattern",
+        "window",
+        "taps",
+    }
+    # the input appears twice in a Kronecker factor: no taps
+    kfac = networks("kfac_input", geometry, approx="expand")
+    assert "taps" not in {
+        c.strategy for c in candidates(kfac, {"x": shapes["x"]}, *args[1:])
+    }
+
+
+TUNE_CASES = [c for c in CASES if c.name in ("k3-s2-p1", "k3-s1-p1-reflect")]
+
+
+@pytest.mark.parametrize("case", TUNE_CASES, ids=lambda c: c.id)
+def test_autotune_picks_once_and_stays_correct(case: Case):
+    from backpack_tn.tn.evaluate import get_autotune, set_autotune
+
+    module, x, _, grad_out, _, _ = forward_with_grads(case)
+    expected = per_sample_grads(case, module, x, grad_out)
+    enabled, threshold = get_autotune()
+    clear_caches()
+    try:
+        set_autotune(True, min_flops=0)  # measure even these tiny problems
+        first = tnf.weight_vjp(
+            x, grad_out, case.kernel_size, per_sample=True, **case.hyper
+        )
+        tuned = cache_stats()["autotune"]
+        second = tnf.weight_vjp(
+            x, grad_out, case.kernel_size, per_sample=True, **case.hyper
+        )
+        again = cache_stats()["autotune"]
+    finally:
+        set_autotune(enabled, threshold)
+    close(first, expected)
+    close(second, expected)
+    assert tuned.size == 1 and again.hits == tuned.hits + 1

@@ -11,8 +11,8 @@ from backpack_tn.tn.evaluate import force_strategy
 from tests.cases import CASES, Case, grouped_unfold, reference_unfold
 
 # (simplify, forced strategy): the plain TN, and both strategies of the simplified one
-SIMPLIFY = [(False, None), (True, "pattern"), (True, "window")]
-SIMPLIFY_IDS = ["plain", "pattern", "window"]
+SIMPLIFY = [(False, None), (True, "pattern"), (True, "window"), (True, "taps")]
+SIMPLIFY_IDS = ["plain", "pattern", "window", "taps"]
 DTYPES = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
     torch.float32: dict(rtol=1e-5, atol=1e-5),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Iterable, List, Optional, Sequence
 
 import torch
@@ -81,13 +82,14 @@ def run_layers(
             ).items():
                 result = fn(problem)
                 if groups_mode not in references:
-                    references[groups_mode] = tn_implementation(
-                        op, True, groups_mode
-                    )(problem)
+                    references[groups_mode] = tn_implementation(op, True, groups_mode)(
+                        problem
+                    )
                 error = check(result, references[groups_mode])
                 del result
-                seconds = median_time(lambda: fn(problem), device, repeats)
-                memory = peak_memory(lambda: fn(problem), device) if measure_memory else None
+                call = partial(fn, problem)
+                seconds = median_time(call, device, repeats)
+                memory = peak_memory(call, device) if measure_memory else None
                 results.append(
                     Measurement(
                         layer.name,
@@ -106,9 +108,7 @@ def run_layers(
 
 def markdown_table(results: List[Measurement]) -> str:
     """Results as a markdown table with times and memory relative to ``tn``."""
-    base = {
-        (r.layer, r.operation): r for r in results if r.implementation == "tn"
-    }
+    base = {(r.layer, r.operation): r for r in results if r.implementation == "tn"}
     lines = [
         "| layer | operation | implementation | time [ms] | time / tn | "
         "peak extra memory [MiB] | memory / tn | rel. error |",

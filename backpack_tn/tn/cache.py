@@ -78,6 +78,22 @@ class LRUCache(Generic[V]):
         self._data.move_to_end(key)
         return value
 
+    def get(self, key: Hashable) -> V | None:
+        """Return the value under ``key`` (counted as hit) or ``None`` (a miss)."""
+        if key in self._data:
+            self.hits += 1
+            self._data.move_to_end(key)
+            return self._data[key]
+        self.misses += 1
+        return None
+
+    def put(self, key: Hashable, value: V) -> None:
+        """Store ``value`` under ``key``, evicting the oldest entry if full."""
+        self._data[key] = value
+        self._data.move_to_end(key)
+        if len(self._data) > self.maxsize:
+            self._data.popitem(last=False)
+
     def clear(self) -> None:
         """Drop all entries and reset the statistics."""
         self._data.clear()

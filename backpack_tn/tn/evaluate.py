@@ -1,68 +1,58 @@
-"""Materialise and contract symbolic tensor networks with cached contraction plans.
+"""Choose how to evaluate an operation, materialise its operands, contract them.
 
-The evaluation strategy is chosen here, per call, from cached information only:
+An operation arrives as one or more equivalent formulations
+(:func:`backpack_tn.tn.conv.networks`). A *candidate* is a formulation plus an
+executor:
 
-1. **Formulation**: an operation may come as several equivalent networks (e.g. batch L2
-   through per-sample gradients or through the Gram form). Each is planned once with
-   ``opt_einsum`` for the concrete shapes (plan cached per equation, shapes, dtype and
-   device) and the one with the lower estimated cost — contraction FLOPs plus the
-   element-wise epilogue — is used.
-2. **Batch chunking**: if the plan's largest intermediate exceeds the memory budget
-   (:func:`set_memory_budget`), the batch axis ``n`` is split into chunks that are
-   contracted one after another and concatenated (``n`` kept) or summed (``n``
-   contracted) — bounding memory at the price of more, smaller contractions.
+* ``pattern`` — the simplified network, contracted by ``opt_einsum`` (patterns as
+  small dense tensors);
+* ``window`` — patterns applied as strided windows of the input, materialised once
+  in GEMM-ready layout (im2col without a padded copy), then contracted;
+* ``taps`` — window formulations contracted one kernel tap at a time on strided views
+  (:mod:`backpack_tn.tn.windows`): no unfolded input at all.
 
-New strategies (e.g. strided-view application of patterns) plug in as further
-formulations or executors in :data:`EXECUTORS`; callers do not change.
+Every candidate is planned with ``opt_einsum`` for the concrete shapes (plans cached per
+equation, shapes, dtype and device). Small problems take the candidate with the lowest
+estimated cost (FLOPs plus copies). For larger ones the first call *measures* each
+candidate once on the real inputs and caches the fastest per (operation, shapes,
+dtype, device) — the result of that call is the fastest candidate's own result, so
+nothing is computed in vain but the slower candidates. :func:`set_autotune` turns this
+off. Finally, if the chosen plan's largest intermediate exceeds the memory budget
+(:func:`set_memory_budget`), the batch is processed in chunks.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import opt_einsum
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from backpack_tn.tn.cache import LRUCache
-from backpack_tn.tn.network import Operand, SpatialView, TensorNetwork
+from backpack_tn.tn.network import Operand, TensorNetwork
 from backpack_tn.tn.patterns import index_pattern
+from backpack_tn.tn.views import apply_views, embed, viewed_shape
+from backpack_tn.tn.windows import (
+    im2col,
+    run_taps,
+    supports_direct_windows,
+    supports_taps,
+)
 
 Shape = Tuple[int, ...]
+STRATEGIES = ("pattern", "window", "taps")
 
-_BUDGET: Dict[str, Optional[int]] = {"bytes": 2**30}
-_FORCED: Dict[str, Optional[str]] = {"strategy": None}
-STRATEGIES = ("pattern", "window")
-
-
-@contextmanager
-def force_strategy(strategy: Optional[str]) -> Iterator[None]:
-    """Within the context, use only formulations of one strategy where available.
-
-    For benchmarks and tests; normal use lets the engine choose.
-
-    Args:
-        strategy: ``'pattern'`` (contract index patterns), ``'window'`` (strided
-            views of the padded input) or ``None`` (automatic choice).
-
-    Yields:
-        Nothing.
-
-    Raises:
-        ValueError: For an unknown strategy.
-    """
-    if strategy is not None and strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES} or None, got {strategy!r}.")
-    previous = _FORCED["strategy"]
-    _FORCED["strategy"] = strategy
-    try:
-        yield
-    finally:
-        _FORCED["strategy"] = previous
+_SETTINGS: Dict[str, object] = {
+    "budget": 2**30,  # bytes of the largest intermediate before batch chunking
+    "forced": None,  # a strategy pinned by force_strategy
+    "autotune": True,
+    "autotune_min_flops": 5e7,  # below: the cost model decides
+}
 
 
 def set_memory_budget(num_bytes: Optional[int]) -> None:
@@ -76,12 +66,61 @@ def set_memory_budget(num_bytes: Optional[int]) -> None:
     """
     if num_bytes is not None and num_bytes <= 0:
         raise ValueError(f"memory budget must be positive or None, got {num_bytes}.")
-    _BUDGET["bytes"] = num_bytes
+    _SETTINGS["budget"] = num_bytes
 
 
 def get_memory_budget() -> Optional[int]:
     """Current memory budget in bytes (``None``: unbounded)."""
-    return _BUDGET["bytes"]
+    return _SETTINGS["budget"]
+
+
+def set_autotune(enabled: bool, min_flops: Optional[float] = None) -> None:
+    """Measure candidates on first use (default) or always trust the cost model.
+
+    Args:
+        enabled: Whether to autotune.
+        min_flops: Problems whose cheapest candidate is estimated below this many
+            FLOPs are never measured (default ``5e7``: they take microseconds).
+    """
+    _SETTINGS["autotune"] = bool(enabled)
+    if min_flops is not None:
+        _SETTINGS["autotune_min_flops"] = float(min_flops)
+
+
+def get_autotune() -> Tuple[bool, float]:
+    """Whether autotuning is on, and its FLOP threshold."""
+    return bool(_SETTINGS["autotune"]), float(_SETTINGS["autotune_min_flops"])
+
+
+@contextmanager
+def force_strategy(strategy: Optional[str]) -> Iterator[None]:
+    """Within the context, use only candidates of one strategy where available.
+
+    For benchmarks and tests; normal use lets the engine choose. Operations without
+    a candidate of that strategy use their others.
+
+    Args:
+        strategy: ``'pattern'``, ``'window'``, ``'taps'`` or ``None`` (automatic).
+
+    Yields:
+        Nothing.
+
+    Raises:
+        ValueError: For an unknown strategy.
+    """
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(
+            f"strategy must be one of {STRATEGIES} or None, got {strategy!r}."
+        )
+    previous = _SETTINGS["forced"]
+    _SETTINGS["forced"] = strategy
+    try:
+        yield
+    finally:
+        _SETTINGS["forced"] = previous
+
+
+# --- contraction plans ---------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -109,94 +148,21 @@ def _plan(equation: str, shapes: Sequence[Shape], dtype, device) -> ContractionP
     return _PLANS.get_or_create((equation, tuple(shapes), dtype, device), create)
 
 
-# --- views on input-like tensors ------------------------------------------------------
-
-
-def _view_length(view: SpatialView) -> int:
-    rows = len(view.index) if view.index is not None else len(range(view.start, view.stop, view.step))
-    return rows + sum(view.pad)
-
-
-def _viewed_shape(shape: Shape, views: Tuple[SpatialView, ...]) -> Shape:
-    lead = len(shape) - len(views)
-    out = list(shape[:lead])
-    for view in views:
-        if view.split:
-            out.extend(view.split[::2])
-        elif view.window:
-            out.extend((view.window[0], view.window[2]))
-        else:
-            out.append(_view_length(view))
-    return tuple(out)
-
-
-def _apply_views(tensor: Tensor, views: Tuple[SpatialView, ...]) -> Tensor:
-    """Slice, gather, pad and cut windows on the trailing spatial axes.
-
-    Everything but the gather and the zero padding is a view of the input.
-    """
-    lead = tensor.dim() - len(views)
-    # Walk backwards so turning an axis into two does not shift the ones to visit.
-    for pos in reversed(range(lead, tensor.dim())):
-        view = views[pos - lead]
-        if view.index is not None:
-            index = torch.tensor(view.index, device=tensor.device)
-            tensor = tensor.index_select(pos, index)
-        elif (view.start, view.stop, view.step) != (0, tensor.shape[pos], 1):
-            index = (slice(None),) * pos + (slice(view.start, view.stop, view.step),)
-            tensor = tensor[index]
-        if any(view.pad):
-            pad = [0] * (2 * (tensor.dim() - pos))
-            pad[-2:] = view.pad
-            tensor = F.pad(tensor, pad)
-        if view.split:
-            out, stride, kernel = view.split
-            shape = tensor.shape
-            tensor = tensor.reshape(*shape[:pos], out, stride, *shape[pos + 1 :])
-            if kernel != stride:
-                tensor = tensor.narrow(pos + 1, 0, kernel)
-        elif view.window:
-            out, stride, kernel, dilation = view.window
-            span = dilation * (kernel - 1) + 1
-            tensor = tensor.unfold(pos, span, stride).movedim(-1, pos + 1)
-            if dilation > 1:
-                index = (slice(None),) * (pos + 1) + (slice(None, None, dilation),)
-                tensor = tensor[index]
-    return tensor
-
-
-def _embed(result: Tensor, views: Tuple[SpatialView, ...], sizes: Shape) -> Tensor:
-    """Inverse of :func:`_apply_views`: scatter ``result`` into zeros of full size."""
-    lead = result.dim() - sum(2 if v.split else 1 for v in views)
-    # On the enlarged zero tensor the zero-padding of a view is real storage.
-    # (Only slices and non-overlapping splits occur here: see conv.py.)
-    views = tuple(replace(v, stop=v.stop + v.pad[1], pad=(0, 0)) for v in views)
-    padded = [max(size, v.stop) for size, v in zip(sizes, views)]
-    full = result.new_zeros(*result.shape[:lead], *padded)
-    target = _apply_views(full, views)
-    target.copy_(result)  # the views are genuine views of ``full``: writes land in it
-    crop = (slice(None),) * lead + tuple(slice(0, s) for s in sizes)
-    return full[crop]
-
-
-# --- operands -------------------------------------------------------------------------
+# --- operands ------------------------------------------------------------------------
 
 
 def _operand_shape(net: TensorNetwork, op: Operand, shapes: Mapping[str, Shape]):
     if op.source is None:
         ref = op.pattern
         rows = ref.rows[1] - ref.rows[0]
+        g = ref.geometry
         full = (
-            (rows, ref.geometry.kernel_size)
+            (rows, g.kernel_size)
             if ref.reduced
-            else (
-                rows,
-                ref.geometry.output_size,
-                ref.geometry.kernel_size,
-            )
+            else (rows, g.output_size, g.kernel_size)
         )
     else:
-        full = _viewed_shape(shapes[op.source], op.views)
+        full = viewed_shape(shapes[op.source], op.views)
     sizes = dict(zip(op.axes, full))
     return tuple(sizes[a] for a in net.kept(op.contracted_axes))
 
@@ -204,7 +170,7 @@ def _operand_shape(net: TensorNetwork, op: Operand, shapes: Mapping[str, Shape])
 def _materialise_all(
     net: TensorNetwork, tensors: Mapping[str, Tensor], dtype, device
 ) -> list:
-    """All operands; an input read twice the same way is viewed (and copied) once."""
+    """All operands; an input read twice the same way is prepared once."""
     done: Dict[tuple, Tensor] = {}
     operands = []
     for op in net.operands:
@@ -223,79 +189,30 @@ def _materialise_all(
         drop = tuple(p for p, a in enumerate(op.axes) if a in net.dropped)
         key = (op.source, op.views, drop, op.layout)
         if key not in done:
-            tensor = _apply_views(tensors[op.source], op.views)
-            tensor = tensor.squeeze(drop) if drop else tensor
-            if op.layout is not None:
-                kept = net.kept(op.axes)
-                perm = [kept.index(a) for a in net.kept(op.layout)]
-                tensor = tensor.permute(perm).contiguous()
-            done[key] = tensor
+            done[key] = _prepare_operand(net, op, tensors[op.source], drop)
         operands.append(done[key])
     return operands
 
 
-# --- execution ------------------------------------------------------------------------
+def _prepare_operand(net: TensorNetwork, op: Operand, tensor: Tensor, drop) -> Tensor:
+    if op.layout is not None and not drop and supports_direct_windows(op, net.plans):
+        return im2col(tensor, op, net.plans, op.layout)
+    tensor = apply_views(tensor, op.views)
+    tensor = tensor.squeeze(drop) if drop else tensor
+    if op.layout is not None:
+        kept = net.kept(op.axes)
+        perm = [kept.index(a) for a in net.kept(op.layout)]
+        # Window views would be copied by every BLAS call anyway: copy once, in the
+        # layout the contraction wants.
+        tensor = tensor.permute(perm).contiguous()
+    return tensor
 
 
-@dataclass(frozen=True)
-class Choice:
-    """The formulation and execution parameters picked for one call."""
-
-    network: TensorNetwork
-    plan: ContractionPlan
-    chunks: int
-    executor: str = "einsum"
-
-
-def _epilogue_cost(net: TensorNetwork, shapes: Sequence[Shape]) -> float:
-    if not net.square_sum:
-        return 0.0
-    sizes = {}
-    for op, shape in zip(net.operands, shapes):
-        sizes.update(zip(net.kept(op.contracted_axes), shape))
-    return float(math.prod(sizes[a] for a in net.kept(net.output)))
-
-
-def choose(
-    formulations: Sequence[TensorNetwork],
-    shapes: Mapping[str, Shape],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> Choice:
-    """Pick the cheapest formulation and the number of batch chunks.
-
-    Args:
-        formulations: Equivalent networks.
-        shapes: Shapes of the tensor arguments by name.
-        dtype: Data type of the computation.
-        device: Device of the computation.
-
-    Returns:
-        The choice; all planning information comes from caches after the first call.
-    """
-    forced = _FORCED["strategy"]
-    if forced is not None:
-        matching = [f for f in formulations if f.strategy == forced]
-        formulations = matching or formulations
-    best = None
-    for net in formulations:
-        op_shapes = [_operand_shape(net, op, shapes) for op in net.operands]
-        plan = _plan(net.equation, op_shapes, dtype, device)
-        cost = plan.flops + _epilogue_cost(net, op_shapes)
-        if best is None or cost < best[0]:
-            best = (cost, net, plan)
-    _, net, plan = best
-    chunks = 1
-    budget = _BUDGET["bytes"]
-    batch = shapes["x"][0] if "x" in shapes else shapes.get("v", (1,))[0]
-    item = torch.empty((), dtype=dtype).element_size()
-    if budget is not None and plan.largest_intermediate * item > budget:
-        if all("n" in op.axes for op in net.operands if op.source in ("x", "v", "s")):
-            chunks = min(batch, math.ceil(plan.largest_intermediate * item / budget))
-    return Choice(net, plan, max(chunks, 1))
-
-
-def _contract(net: TensorNetwork, plan: ContractionPlan, operands: list) -> Tensor:
+def _contract(net: TensorNetwork, operands: list) -> Tensor:
+    """Contract materialised operands (plan from the cache) and apply the epilogue."""
+    tensor = operands[0]
+    shapes = [tuple(o.shape) for o in operands]
+    plan = _plan(net.equation, shapes, tensor.dtype, tensor.device)
     result = plan.expression(*operands, backend="torch")
     if net.square_sum:
         out = net.kept(net.output)
@@ -306,15 +223,112 @@ def _contract(net: TensorNetwork, plan: ContractionPlan, operands: list) -> Tens
     return result
 
 
-def _run_einsum(choice: Choice, tensors: Mapping[str, Tensor]) -> Tensor:
-    net = choice.network
-    any_tensor = next(iter(tensors.values()))
-    dtype, device = any_tensor.dtype, any_tensor.device
-    if choice.chunks == 1:
-        operands = _materialise_all(net, tensors, dtype, device)
-        return _contract(net, choice.plan, operands)
+# --- executors -----------------------------------------------------------------------
 
-    # ``n`` is a leading axis, so its position is the same before and after views.
+
+def _run_einsum(net: TensorNetwork, tensors: Mapping[str, Tensor]) -> Tensor:
+    any_tensor = next(iter(tensors.values()))
+    operands = _materialise_all(net, tensors, any_tensor.dtype, any_tensor.device)
+    return _contract(net, operands)
+
+
+def _axis_sizes(net: TensorNetwork, shapes: Mapping[str, Shape]) -> Dict[str, int]:
+    sizes: Dict[str, int] = {}
+    for op in net.operands:
+        sizes.update(zip(net.kept(op.contracted_axes), _operand_shape(net, op, shapes)))
+    return sizes
+
+
+def _run_taps(net: TensorNetwork, tensors: Mapping[str, Tensor]) -> Tensor:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    return run_taps(net, tensors, _axis_sizes(net, shapes), _contract)
+
+
+#: Executors by name: ``(network, tensors) -> result with network.result_axes``.
+EXECUTORS: Dict[str, Callable[[TensorNetwork, Mapping[str, Tensor]], Tensor]] = {
+    "einsum": _run_einsum,
+    "taps": _run_taps,
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A formulation, how to execute it, and its estimated cost."""
+
+    network: TensorNetwork
+    executor: str
+    cost: float
+    largest_intermediate: int
+
+    @property
+    def strategy(self) -> str:
+        """``'pattern'``, ``'window'`` or ``'taps'``."""
+        return "taps" if self.executor == "taps" else self.network.strategy
+
+
+def candidates(
+    formulations: Sequence[TensorNetwork],
+    shapes: Mapping[str, Shape],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> List[Candidate]:
+    """All ways to evaluate the formulations, with cost estimates.
+
+    The estimate is ``opt_einsum``'s FLOP count plus one unit per element copied
+    (unfolded inputs, strided slices) and per element of a squared epilogue.
+
+    Args:
+        formulations: Equivalent networks.
+        shapes: Shapes of the tensor arguments by name.
+        dtype: Data type of the computation.
+        device: Device of the computation.
+
+    Returns:
+        The candidates (forced strategy applied).
+    """
+    result = []
+    for net in formulations:
+        op_shapes = [_operand_shape(net, op, shapes) for op in net.operands]
+        plan = _plan(net.equation, op_shapes, dtype, device)
+        copies = sum(
+            math.prod(s) for op, s in zip(net.operands, op_shapes) if op.layout
+        )
+        epilogue = 0.0
+        if net.square_sum:
+            sizes = _axis_sizes(net, shapes)
+            epilogue = float(math.prod(sizes[a] for a in net.kept(net.output)))
+        cost = plan.flops + copies + epilogue
+        result.append(Candidate(net, "einsum", cost, plan.largest_intermediate))
+        if supports_taps(net):
+            # same arithmetic, no unfolded input; strided reads cost like copies
+            result.append(Candidate(net, "taps", cost, plan.largest_intermediate))
+    forced = _SETTINGS["forced"]
+    if forced is not None:
+        result = [c for c in result if c.strategy == forced] or result
+    return result
+
+
+def _chunks(candidate: Candidate, shapes: Mapping[str, Shape], dtype) -> int:
+    budget = _SETTINGS["budget"]
+    item = torch.empty((), dtype=dtype).element_size()
+    needed = candidate.largest_intermediate * item
+    if budget is None or needed <= budget:
+        return 1
+    net = candidate.network
+    if not all("n" in op.axes for op in net.operands if op.source in ("x", "v", "s")):
+        return 1
+    batch = shapes["x"][0] if "x" in shapes else shapes["v"][0]
+    return max(1, min(batch, math.ceil(needed / budget)))
+
+
+def _execute(
+    candidate: Candidate, tensors: Mapping[str, Tensor], chunks: int
+) -> Tensor:
+    net = candidate.network
+    run = EXECUTORS[candidate.executor]
+    if chunks == 1:
+        return run(net, tensors)
+    # ``n`` is a leading axis: its position is the same before and after views.
     batch_axis = {
         op.source: op.axes.index("n")
         for op in net.operands
@@ -322,21 +336,17 @@ def _run_einsum(choice: Choice, tensors: Mapping[str, Tensor]) -> Tensor:
     }
     name, pos = next(iter(batch_axis.items()))
     batch = tensors[name].shape[pos]
-    size = math.ceil(batch / choice.chunks)
+    size = math.ceil(batch / chunks)
     result_axes = net.result_axes
     keep_n = "n" in result_axes
     pieces, total = [], None
     for start in range(0, batch, size):
+        length = min(size, batch - start)
         chunk = {
-            name: t.narrow(batch_axis[name], start, min(size, batch - start))
-            if name in batch_axis
-            else t
-            for name, t in tensors.items()
+            k: t.narrow(batch_axis[k], start, length) if k in batch_axis else t
+            for k, t in tensors.items()
         }
-        operands = _materialise_all(net, chunk, dtype, device)
-        shapes = [tuple(o.shape) for o in operands]
-        plan = _plan(net.equation, shapes, dtype, device)
-        part = _contract(net, plan, operands)
+        part = run(net, chunk)
         if keep_n:
             pieces.append(part)
         else:
@@ -344,9 +354,30 @@ def _run_einsum(choice: Choice, tensors: Mapping[str, Tensor]) -> Tensor:
     return torch.cat(pieces, result_axes.index("n")) if keep_n else total
 
 
-EXECUTORS: Dict[str, Callable[[Choice, Mapping[str, Tensor]], Tensor]] = {
-    "einsum": _run_einsum,
-}
+_TUNED: LRUCache[int] = LRUCache("autotune", maxsize=1024)
+
+
+def _autotune(
+    options: Sequence[Candidate],
+    tensors: Mapping[str, Tensor],
+    shapes: Mapping[str, Shape],
+    device: torch.device,
+) -> Tuple[Tensor, int]:
+    """Run every candidate once; return the fastest one's result and index."""
+    best_result, best_index, best_time = None, -1, math.inf
+    for i, candidate in enumerate(options):
+        chunks = _chunks(candidate, shapes, next(iter(tensors.values())).dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = _execute(candidate, tensors, chunks)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        if seconds < best_time:
+            best_result, best_index, best_time = result, i, seconds
+        del result  # keep at most two results alive
+    return best_result, best_index
 
 
 def evaluate(
@@ -365,11 +396,35 @@ def evaluate(
         input grid are embedded back to the full input size.
     """
     any_tensor = next(iter(tensors.values()))
+    dtype, device = any_tensor.dtype, any_tensor.device
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    choice = choose(formulations, shapes, any_tensor.dtype, any_tensor.device)
-    result = EXECUTORS[choice.executor](choice, tensors)
-    net = choice.network
+    options = candidates(formulations, shapes, dtype, device)
+    key = (
+        tuple((c.network.equation, c.executor) for c in options),
+        tuple(sorted(shapes.items())),
+        dtype,
+        device,
+    )
+    cheapest = min(range(len(options)), key=lambda i: options[i].cost)
+    tune = (
+        _SETTINGS["autotune"]
+        and len(options) > 1
+        and options[cheapest].cost >= _SETTINGS["autotune_min_flops"]
+    )
+    if not tune:
+        best = options[cheapest]
+        result = _execute(best, tensors, _chunks(best, shapes, dtype))
+    else:
+        index = _TUNED.get(key)
+        if index is None:  # first call: measure every candidate, keep the fastest
+            result, index = _autotune(options, tensors, shapes, device)
+            _TUNED.put(key, index)
+            best = options[index]
+        else:
+            best = options[index]
+            result = _execute(best, tensors, _chunks(best, shapes, dtype))
+    net = best.network
     if net.output_views:
         sizes = tuple(p.geometry.input_size for p in net.plans)
-        result = _embed(result, net.output_views, sizes)
+        result = embed(result, net.output_views, sizes)
     return result
