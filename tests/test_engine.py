@@ -358,3 +358,41 @@ def test_autotune_picks_once_and_stays_correct(case: Case):
     close(first, expected)
     close(second, expected)
     assert tuned.size == 1 and again.hits == tuned.hits + 1
+
+
+def test_no_reference_keeps_inputs_alive():
+    """Caches hold patterns and plans only: inputs are freed after a call."""
+    import gc
+    import weakref
+
+    x = torch.randn(3, 4, 9, 9)
+    v = torch.randn(3, 6, 9, 9)
+    refs = [weakref.ref(x), weakref.ref(v)]
+    for strategy in (None, "pattern", "window", "taps"):
+        with force_strategy(strategy):
+            tnf.weight_vjp(x, v, 3, padding=1, per_sample=True)
+            tnf.kfac_input_factor(x, 3, padding=1)
+            tnf.diag_ggn_weight(x, v.unsqueeze(0), 3, padding=1)
+    del x, v
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+
+
+@pytest.mark.parametrize("case", FLOAT32_CASES[:2], ids=lambda c: c.id)
+def test_bfloat16(case: Case):
+    """bf16 runs and matches the float64 result to bf16 precision."""
+    module, x, out, grad_out, _, gw = forward_with_grads(case)
+    w = module.weight.detach()
+    bf = torch.bfloat16
+    result = tnf.conv(x.to(bf), w.to(bf), **case.hyper)
+    assert result.dtype == bf
+    torch.testing.assert_close(
+        result.double(),
+        out - module.bias.detach().reshape(1, -1, *[1] * case.dims),
+        rtol=0.05,
+        atol=0.05 * out.abs().max().item(),
+    )
+    grad = tnf.weight_vjp(x.to(bf), grad_out.to(bf), case.kernel_size, **case.hyper)
+    torch.testing.assert_close(
+        grad.double(), gw, rtol=0.05, atol=0.05 * gw.abs().max().item()
+    )
