@@ -392,9 +392,14 @@ def sqrt_ggn_weight(
     dilation: IntOrTuple = 1,
     groups: int = 1,
     padding_mode: str = "zeros",
+    sum_batch: bool = False,
     simplify: bool = True,
 ) -> Tensor:
-    """Weight Jacobian applied to a backpropagated symmetric GGN factor.
+    """Transposed weight Jacobian applied to a backpropagated matrix.
+
+    With ``S`` a symmetric factor of the GGN w.r.t. the output this is the GGN's
+    square root w.r.t. the kernel (BackPACK's ``SqrtGGN``); in general it is the
+    matrix-Jacobian product ``param_mjp`` of BackPACK's derivatives.
 
     Args:
         x: Input ``[N, C_in, *I]``.
@@ -405,16 +410,19 @@ def sqrt_ggn_weight(
         dilation: Dilation.
         groups: Number of channel groups.
         padding_mode: Padding mode.
+        sum_batch: Sum over the batch axis.
         simplify: Apply structural simplifications.
 
     Returns:
-        ``[V, N, C_out, C_in / G, *K]``.
+        ``[V, N, C_out, C_in / G, *K]``, or ``[V, C_out, C_in / G, *K]`` if
+        ``sum_batch``.
     """
     geometry, tensors, weight_shape = _x_and_output(
         x, S, "S", 2, kernel_size, stride, padding, dilation, groups, padding_mode
     )
-    out = _run("sqrt_ggn", geometry, simplify, tensors)
-    return out.reshape(*S.shape[:2], *weight_shape)
+    out = _run("sqrt_ggn", geometry, simplify, tensors, sum_batch=sum_batch)
+    lead = S.shape[:1] if sum_batch else S.shape[:2]
+    return out.reshape(*lead, *weight_shape)
 
 
 def diag_ggn_weight(

@@ -140,13 +140,15 @@ def _random_S(case: Case, out: Tensor, classes: int = 3) -> Tensor:
     return torch.randn(classes, *out.shape, dtype=out.dtype)
 
 
-def test_sqrt_ggn_weight(case, simplify):
+@pytest.mark.parametrize("sum_batch", [False, True], ids=["per_sample", "summed"])
+def test_sqrt_ggn_weight(case, simplify, sum_batch):
     _, x, out, *_ = forward_with_grads(case)
     S = _random_S(case, out)
     result = tnf.sqrt_ggn_weight(
-        x, S, case.kernel_size, simplify=simplify, **case.hyper
+        x, S, case.kernel_size, sum_batch=sum_batch, simplify=simplify, **case.hyper
     )
-    close(result, _reference_sqrt_ggn(case, x, S))
+    expected = _reference_sqrt_ggn(case, x, S)
+    close(result, expected.sum(1) if sum_batch else expected)
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["summed", "per_sample"])

@@ -37,7 +37,8 @@ def implementations(op: str, problem, with_plain: bool = True):
     """All applicable implementations of an operation: TN first, then stock ones.
 
     ``tn`` is the engine's automatic choice; with ``with_plain`` also each strategy
-    forced (``tn-pattern``, ``tn-window``, ``tn-taps``) and the unsimplified network (``tn-plain``).
+    forced (``tn-pattern``, ``tn-window``, ``tn-taps``) and the unsimplified network
+    (``tn-plain``).
     """
     impls = {"tn": (tn_implementation(op, True), "average")}
     if with_plain:

@@ -90,10 +90,10 @@ def _kfac_input(plans, approx: str) -> Formulations:
     return (TensorNetwork((*first, *second), out, dropped, plans=plans),)
 
 
-def _sqrt_ggn(plans, square_sum=None, label="tn") -> TensorNetwork:
+def _sqrt_ggn(plans, square_sum=None, label="tn", keep_n=True) -> TensorNetwork:
     s = Operand("s", ("v", "n", "g", "d") + output_axes(plans))
     x_side = input_side("x", plans, ("n", "g", "c"), {})
-    out = ("v", "n", "g", "d", "c") + kernel_axes(plans)
+    out = ("v",) + ("n",) * keep_n + ("g", "d", "c") + kernel_axes(plans)
     dropped = dropped_kernel_axes(plans)
     return TensorNetwork(
         (s, *x_side), out, dropped, square_sum, plans=plans, label=label
@@ -154,7 +154,7 @@ def _build(op: str, plans, options: tuple) -> Formulations:
     if op == "kfac_input":
         return _kfac_input(plans, opts["approx"])
     if op == "sqrt_ggn":
-        return (_sqrt_ggn(plans),)
+        return (_sqrt_ggn(plans, keep_n=not opts["sum_batch"]),)
     if op == "diag_ggn":
         summed = ("v", "n") if not opts["per_sample"] else ("v",)
         return (_sqrt_ggn(plans, summed, "square_sum"),)
