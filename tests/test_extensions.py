@@ -102,24 +102,39 @@ def uses_tn(extension) -> bool:
     return all(isinstance(mapping.get(c), tnm.TNConvExtension) for c in CONV.values())
 
 
-@pytest.mark.parametrize("batch", [1, 3], ids=["N1", "N3"])
-@pytest.mark.parametrize("loss", list(LOSSES))
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
-@pytest.mark.parametrize("dims", [1, 2, 3], ids=["1d", "2d", "3d"])
-@pytest.mark.parametrize("name", EXTENSIONS)
+def _stock_comparable():
+    """(extension, dims, arch, loss, batch) where stock BackPACK runs and is right.
+
+    Left out, each with its own test against an independent reference:
+    grouped KFAC/KFLR/KFRA (BackPACK refuses; test_kflr_factors_vs_independent_
+    reference), grouped BatchL2Grad (BackPACK ignores groups; test_first_order_vs_
+    autograd), KFRA with MSELoss (stock BackPACK 1.7.1 crashes in float64: ``eye(D)``
+    without dtype in ``MSELossDerivatives._sum_hessian``). KFRA runs with N = 1 only:
+    its batch-averaged backpropagation is quadratic in the feature count.
+    """
+    for name in EXTENSIONS:
+        for dims in (1, 2, 3):
+            for arch, layers in ARCHITECTURES.items():
+                grouped = any(g > 1 for *_, g, _ in layers)
+                if grouped and (name in HBP or name == "BatchL2Grad"):
+                    continue
+                for loss in LOSSES:
+                    if name == "KFRA" and loss.startswith("mse"):
+                        continue
+                    for batch in (1,) if name == "KFRA" else (1, 3):
+                        yield pytest.param(
+                            name,
+                            dims,
+                            arch,
+                            loss,
+                            batch,
+                            id=f"{name}-{dims}d-{arch}-{loss}-N{batch}",
+                        )
+
+
+@pytest.mark.parametrize("name,dims,arch,loss,batch", list(_stock_comparable()))
 def test_fields_equal_stock_backpack(name, dims, arch, loss, batch):
     layers = ARCHITECTURES[arch]
-    if name in HBP and any(g > 1 for *_, g, _ in layers):
-        pytest.skip("BackPACK refuses grouped KFAC; see test_grouped_kfac_dense")
-    if name == "BatchL2Grad" and arch == "grouped":
-        pytest.skip("stock BackPACK is wrong here; see test_first_order_vs_autograd")
-    if name == "KFRA" and loss.startswith("mse"):
-        pytest.skip(
-            "stock BackPACK 1.7.1 KFRA fails for MSELoss in float64 (eye(D) "
-            "without dtype in MSELossDerivatives._sum_hessian)"
-        )
-    if name == "KFRA" and batch > 1:
-        pytest.skip("KFRA is tested on N = 1 (its batch average is O(dims²) costly)")
     X, y = make_data(dims, batch, loss)
     stock = run(make_model(dims, layers), LOSSES[loss](), X, y, getattr(bext, name)())
     extension = getattr(tne, name)()
@@ -309,3 +324,167 @@ def test_repeated_backward_keeps_memory_flat():
     for _ in range(5):
         step()
     assert live_tensors() <= before
+
+
+# --- beyond stock BackPACK: independent references ------------------------------------
+
+
+def reference_input_factor(module, x, approx):
+    """KFAC input factor from F.pad + unfoldNd, groups averaged (curvlinops' way)."""
+    from tests.cases import Case, reference_unfold
+
+    case = Case(
+        "ref",
+        x.dim() - 2,
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        module.dilation,
+        module.groups,
+        module.padding_mode,
+        input_size=tuple(x.shape[2:]),
+    )
+    u = reference_unfold(case, x)  # [N, C_in·K, O]
+    u = u.reshape(u.shape[0], module.groups, -1, u.shape[-1]).mean(1)
+    if approx == "reduce":
+        u = u.mean(-1, keepdim=True)
+    return torch.einsum("nio,njo->ij", u, u) / x.shape[0]
+
+
+def conv_inputs(model, X):
+    inputs = {}
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: inputs.__setitem__(m, i[0].detach()))
+        for m in model.modules()
+        if isinstance(m, tuple(CONV.values()))
+    ]
+    model(X)
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
+def output_factor_reference(model, lossfunc, X, y):
+    """``Σ_{v,n} s̄ s̄ᵀ`` with ``s̄`` the bias square-root GGN (stock BackPACK)."""
+    run(model, lossfunc, X, y, bext.SqrtGGNExact())
+    factors = {}
+    for m in model.modules():
+        if isinstance(m, tuple(CONV.values())):
+            s = m.bias.sqrt_ggn_exact  # [V, N, C_out] = Σ_o S (bias Jacobian)
+            factors[m] = torch.einsum("vni,vnj->ij", s, s)
+    return factors
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("dims", [1, 2, 3], ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize(
+    "arch,padding_mode",
+    [("grouped", "zeros"), ("k3s2d2-k1", "zeros"), ("k3s2d2-k1", "circular")],
+    ids=["grouped", "dense", "circular"],
+)
+def test_kflr_factors_vs_independent_reference(arch, padding_mode, dims, approx):
+    """KFLR = [Σ s̄ s̄ᵀ, A]: A from F.pad + unfoldNd, s̄ from the exact square root."""
+    X, y = make_data(dims, 3, "ce-mean")
+    layers = ARCHITECTURES[arch]
+    model = make_model(dims, layers, padding_mode=padding_mode)
+    inputs = conv_inputs(model, X)
+    if padding_mode == "zeros":
+        out_factor = output_factor_reference(model, nn.CrossEntropyLoss(), X, y)
+    else:  # stock BackPACK is wrong here; use our exact square root (tested below)
+        out_factor = {}
+        run(model, nn.CrossEntropyLoss(), X, y, tne.SqrtGGNExact())
+        for m in inputs:
+            s = m.bias.sqrt_ggn_exact
+            out_factor[m] = torch.einsum("vni,vnj->ij", s, s)
+    ours = make_model(dims, layers, padding_mode=padding_mode)
+    run(ours, nn.CrossEntropyLoss(), X, y, tne.KFLR(kfac_approx=approx))
+    for m_ref, m in zip(
+        inputs, [m for m in ours.modules() if m.__class__ in CONV.values()]
+    ):
+        B, A = m.weight.kflr
+        torch.testing.assert_close(B, out_factor[m_ref], rtol=1e-10, atol=1e-13)
+        A_ref = reference_input_factor(m, inputs[m_ref], approx)
+        torch.testing.assert_close(A, A_ref, rtol=1e-10, atol=1e-13)
+        (B_bias,) = m.bias.kflr
+        torch.testing.assert_close(B_bias, out_factor[m_ref], rtol=1e-10, atol=1e-13)
+
+
+def dense_ggn_diagonal(model, lossfunc, X, y):
+    """Exact GGN diagonal from curvlinops' dense GGN (independent of BackPACK)."""
+    from curvlinops import GGNLinearOperator
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    G = GGNLinearOperator(model, lossfunc, params, [(X, y)], check_deterministic=False)
+    dim = sum(p.numel() for p in params)
+    diag = (G @ torch.eye(dim, dtype=torch.float64)).diagonal()
+    return list(diag.split([p.numel() for p in params]))
+
+
+BEYOND = {
+    "same": ([(6, 3, 1, "same", 2, 1, True), (4, 2, 1, "same", 1, 2, True)], "zeros"),
+    "reflect": (ARCHITECTURES["k3p1-k2s2"], "reflect"),
+    "replicate": ([(6, 3, 2, 2, 1, 2, True), (4, 3, 1, 1, 1, 1, True)], "replicate"),
+    "circular-same": ([(6, 2, 1, "same", 1, 1, True)], "circular"),
+}
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3], ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize("config", list(BEYOND))
+def test_beyond_backpack_vs_independent_references(config, dims):
+    """'same' padding and non-zero padding modes, where stock BackPACK is wrong."""
+    layers, mode = BEYOND[config]
+    X, y = make_data(dims, 3, "ce-mean")
+    lossfunc = nn.CrossEntropyLoss()
+    # first order: autograd loops
+    expected = autograd_per_sample(
+        make_model(dims, layers, padding_mode=mode), lossfunc, X, y
+    )
+    grads = run(
+        make_model(dims, layers, padding_mode=mode), lossfunc, X, y, tne.BatchGrad()
+    )
+    assert_fields_equal(grads, expected)
+    l2 = run(
+        make_model(dims, layers, padding_mode=mode), lossfunc, X, y, tne.BatchL2Grad()
+    )
+    assert_fields_equal(l2, [g.flatten(1).pow(2).sum(1) for g in expected])
+    # second order: the dense GGN (also checks backpropagation through the TN Jacobians)
+    reference = dense_ggn_diagonal(
+        make_model(dims, layers, padding_mode=mode), nn.CrossEntropyLoss(), X, y
+    )
+    model = make_model(dims, layers, padding_mode=mode)
+    diag = run(model, lossfunc, X, y, tne.DiagGGNExact())
+    assert_fields_equal([d.flatten() for d in diag], reference)
+    # the exact square root reproduces the same diagonal
+    sqrt = run(
+        make_model(dims, layers, padding_mode=mode), lossfunc, X, y, tne.SqrtGGNExact()
+    )
+    assert_fields_equal([s.pow(2).sum((0, 1)).flatten() for s in sqrt], reference)
+    # KFLR input factor: F.pad + unfoldNd
+    model = make_model(dims, layers, padding_mode=mode)
+    inputs = list(conv_inputs(model, X).values())
+    run(model, lossfunc, X, y, tne.KFLR())
+    convs = [m for m in model.modules() if m.__class__ in CONV.values()]
+    for m, x in zip(convs, inputs):
+        torch.testing.assert_close(
+            m.weight.kflr[1],
+            reference_input_factor(m, x, "expand"),
+            rtol=1e-10,
+            atol=1e-13,
+        )
+
+
+def test_stock_backpack_is_wrong_for_padding_modes():
+    """Documents why the above is needed: stock BackPACK's BatchGrad is off."""
+    layers, mode = BEYOND["reflect"]
+    X, y = make_data(2, 3, "ce-mean")
+    expected = autograd_per_sample(
+        make_model(2, layers, padding_mode=mode), nn.CrossEntropyLoss(), X, y
+    )
+    stock = run(
+        make_model(2, layers, padding_mode=mode),
+        nn.CrossEntropyLoss(),
+        X,
+        y,
+        bext.BatchGrad(),
+    )
+    assert not torch.allclose(stock[0], expected[0])

@@ -47,6 +47,14 @@ from backpack_tn.tn.windows import (
 Shape = Tuple[int, ...]
 STRATEGIES = ("pattern", "window", "taps")
 
+#: FLOP-equivalents of copying one element (memory-bound work is far slower per
+#: element than a fused multiply-add in a GEMM).
+COPY_COST = 16.0
+
+#: Autotuning measures only candidates estimated at most this many times as costly as
+#: the cheapest, so one first call never runs a hopeless candidate.
+AUTOTUNE_PRUNE = 2.0
+
 _SETTINGS: Dict[str, object] = {
     "budget": 2**30,  # bytes of the largest intermediate before batch chunking
     "forced": None,  # a strategy pinned by force_strategy
@@ -274,8 +282,9 @@ def candidates(
 ) -> List[Candidate]:
     """All ways to evaluate the formulations, with cost estimates.
 
-    The estimate is ``opt_einsum``'s FLOP count plus one unit per element copied
-    (unfolded inputs, strided slices) and per element of a squared epilogue.
+    The estimate is ``opt_einsum``'s FLOP count plus :data:`COPY_COST` per element
+    copied (unfolded inputs, per-tap slices) and one per element of a squared
+    epilogue.
 
     Args:
         formulations: Equivalent networks.
@@ -290,17 +299,33 @@ def candidates(
     for net in formulations:
         op_shapes = [_operand_shape(net, op, shapes) for op in net.operands]
         plan = _plan(net.equation, op_shapes, dtype, device)
-        copies = sum(
+        # unfolded (window) operands are copied once
+        copied = sum(
             math.prod(s) for op, s in zip(net.operands, op_shapes) if op.layout
         )
         epilogue = 0.0
         if net.square_sum:
             sizes = _axis_sizes(net, shapes)
             epilogue = float(math.prod(sizes[a] for a in net.kept(net.output)))
-        cost = plan.flops + copies + epilogue
-        result.append(Candidate(net, "einsum", cost, plan.largest_intermediate))
+        base = plan.flops + epilogue
+        result.append(
+            Candidate(
+                net, "einsum", base + COPY_COST * copied, plan.largest_intermediate
+            )
+        )
         if supports_taps(net):
-            # same arithmetic, no unfolded input; strided reads cost like copies
+            # every tap reads a strided slice of the input and the output-side
+            # operands restricted to the tap's valid outputs (BLAS copies both)
+            taps = math.prod(
+                p.geometry.kernel_size for p in net.plans if p.kind == "window"
+            )
+            others = sum(
+                math.prod(s)
+                for op, s in zip(net.operands, op_shapes)
+                if op.source not in (None, "x")
+                and any(a.startswith("o") for a in op.axes)
+            )
+            cost = base + COPY_COST * (copied + taps * others)
             result.append(Candidate(net, "taps", cost, plan.largest_intermediate))
     forced = _SETTINGS["forced"]
     if forced is not None:
@@ -416,8 +441,13 @@ def evaluate(
         result = _execute(best, tensors, _chunks(best, shapes, dtype))
     else:
         index = _TUNED.get(key)
-        if index is None:  # first call: measure every candidate, keep the fastest
-            result, index = _autotune(options, tensors, shapes, device)
+        if index is None:  # first call: measure the plausible candidates
+            bound = AUTOTUNE_PRUNE * options[cheapest].cost
+            plausible = [i for i, c in enumerate(options) if c.cost <= bound]
+            result, pick = _autotune(
+                [options[i] for i in plausible], tensors, shapes, device
+            )
+            index = plausible[pick]
             _TUNED.put(key, index)
             best = options[index]
         else:
