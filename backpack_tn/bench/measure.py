@@ -6,8 +6,9 @@ Memory: extra memory a call needs beyond what is alive before it.
 * CUDA: ``torch.cuda.max_memory_allocated`` after a reset of the peak counter.
 * CPU (Linux): the process's peak resident set size (``VmHWM``), reset before each
   call via ``/proc/self/clear_refs``. glibc's ``malloc`` is told to serve every block of
-  64 KiB or more with ``mmap`` so that freed tensors really leave the resident set and
-  the next measurement starts clean. The number includes temporary buffers of BLAS
+  64 KiB or more with ``mmap`` (and to trim its free heap before each measurement) so
+  that freed tensors really leave the resident set and the next measurement starts
+  clean. As this changes allocation costs, time everything before measuring memory. The number includes temporary buffers of BLAS
   and other libraries — it is what the operating system had to provide.
 """
 
@@ -26,12 +27,14 @@ _MMAP_CONFIGURED = False
 
 
 def _configure_malloc() -> None:
+    """Serve big blocks by mmap from now on and return free heap memory to the OS."""
     global _MMAP_CONFIGURED
-    if _MMAP_CONFIGURED:
-        return
     try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-    except OSError:  # not glibc: measurements are coarser but still valid peaks
+        libc = ctypes.CDLL("libc.so.6")
+        if not _MMAP_CONFIGURED:
+            libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+        libc.malloc_trim(0)  # memory freed earlier would hide new allocations
+    except (OSError, AttributeError):  # not glibc: coarser, but still valid peaks
         pass
     _MMAP_CONFIGURED = True
 

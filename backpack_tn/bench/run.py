@@ -68,41 +68,49 @@ def run_layers(
     """Time (and measure memory of) every implementation of every operation.
 
     Every implementation's result is checked against ``backpack_tn`` with the same
-    channel-group convention; the relative deviation is recorded.
+    channel-group convention; the relative deviation is recorded. All timings run
+    before any memory measurement, because measuring CPU memory changes how the
+    allocator serves large blocks (see :mod:`backpack_tn.bench.measure`).
     """
     operations = list(operations)
     results: List[Measurement] = []
-    bar = tqdm(total=len(layers) * len(operations), desc="benchmark", leave=False)
+    calls = []
+    steps = len(layers) * len(operations) * (2 if measure_memory else 1)
+    bar = tqdm(total=steps, desc="benchmark", leave=False)
     for layer in layers:
         problem = make_problem(layer, batch_size, classes, dtype, device)
         for op in operations:
-            bar.set_postfix_str(f"{layer.name} {op}")
+            bar.set_postfix_str(f"time {layer.name} {op}")
             references = {}
-            for name, (fn, groups_mode) in implementations(
-                op, problem, with_plain
-            ).items():
+            impls = implementations(op, problem, with_plain)
+            for name, (fn, groups_mode) in impls.items():
                 result = fn(problem)
                 if groups_mode not in references:
-                    references[groups_mode] = tn_implementation(op, True, groups_mode)(
-                        problem
-                    )
+                    reference = tn_implementation(op, True, groups_mode)(problem)
+                    references[groups_mode] = reference
                 error = check(result, references[groups_mode])
                 del result
-                call = partial(fn, problem)
-                seconds = median_time(call, device, repeats)
-                memory = peak_memory(call, device) if measure_memory else None
+                seconds = median_time(partial(fn, problem), device, repeats)
                 results.append(
                     Measurement(
-                        layer.name,
-                        layer.describe(),
-                        op,
-                        name,
-                        seconds,
-                        memory,
-                        error,
+                        layer.name, layer.describe(), op, name, seconds, None, error
                     )
                 )
+                calls.append((layer, op, name))
             bar.update()
+        del problem
+    if measure_memory:
+        measured = iter(results)
+        for layer in layers:
+            problem = make_problem(layer, batch_size, classes, dtype, device)
+            for op in operations:
+                bar.set_postfix_str(f"memory {layer.name} {op}")
+                for _, (fn, _) in implementations(op, problem, with_plain).items():
+                    next(measured).memory_bytes = peak_memory(
+                        partial(fn, problem), device
+                    )
+                bar.update()
+            del problem
     bar.close()
     return results
 
