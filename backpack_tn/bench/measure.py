@@ -8,8 +8,9 @@ Memory: extra memory a call needs beyond what is alive before it.
   call via ``/proc/self/clear_refs``. glibc's ``malloc`` is told to serve every block of
   64 KiB or more with ``mmap`` (and to trim its free heap before each measurement) so
   that freed tensors really leave the resident set and the next measurement starts
-  clean. As this changes allocation costs, time everything before measuring memory. The number includes temporary buffers of BLAS
-  and other libraries — it is what the operating system had to provide.
+  clean. As this changes allocation costs, time everything before measuring memory.
+  The number includes temporary buffers of BLAS and other libraries — it is what the
+  operating system had to provide.
 """
 
 from __future__ import annotations

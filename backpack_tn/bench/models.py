@@ -1,0 +1,192 @@
+"""Model-level benchmark: BackPACK ``backward()``, stock vs ``backpack_tn`` extensions.
+
+``python -m backpack_tn.bench.models --model allcnnc --batch-size 64``
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from functools import partial
+from typing import Callable, Dict, List
+
+import torch
+from backpack import backpack, extend
+from backpack import extensions as bext
+from torch import nn
+from tqdm import tqdm
+
+import backpack_tn.extensions as tne
+from backpack_tn.bench.measure import median_time, peak_memory
+
+
+def all_cnn_c(num_classes: int = 100) -> nn.Sequential:
+    """All-CNN-C (Springenberg et al., 2015) as in DeepOBS, for 3×32×32 inputs."""
+
+    def conv(c_in, c_out, k, stride=1, padding=1):
+        return [nn.Conv2d(c_in, c_out, k, stride=stride, padding=padding), nn.ReLU()]
+
+    return nn.Sequential(
+        *conv(3, 96, 3),
+        *conv(96, 96, 3),
+        *conv(96, 96, 3, stride=2),
+        *conv(96, 192, 3),
+        *conv(192, 192, 3),
+        *conv(192, 192, 3, stride=2),
+        *conv(192, 192, 3, padding=0),
+        *conv(192, 192, 1, padding=0),
+        *conv(192, num_classes, 1, padding=0),
+        nn.AvgPool2d(6),
+        nn.Flatten(),
+    )
+
+
+def resnet18(num_classes: int = 10) -> nn.Module:
+    """Torchvision's ResNet-18 (``weights=None``), in eval mode for BackPACK."""
+    from torchvision.models import resnet18 as tv_resnet18
+
+    return tv_resnet18(weights=None, num_classes=num_classes).eval()
+
+
+MODELS: Dict[str, Callable[[], nn.Module]] = {
+    "allcnnc": lambda: all_cnn_c(100),
+    "resnet18": lambda: resnet18(10),
+}
+INPUTS = {"allcnnc": (3, 32, 32), "resnet18": (3, 224, 224)}
+CLASSES = {"allcnnc": 100, "resnet18": 10}
+EXTENSIONS = [
+    "BatchGrad",
+    "SumGradSquared",
+    "BatchL2Grad",
+    "Variance",
+    "DiagGGNMC",
+    "DiagGGNExact",
+    "KFAC",
+    "KFLR",
+]
+
+
+def run(args) -> List[dict]:
+    """Time and measure every (extension, implementation) pair."""
+    torch.manual_seed(0)
+    model = MODELS[args.model]().to(args.device)
+    model = extend(model, use_converter=args.model == "resnet18")
+    lossfunc = extend(nn.CrossEntropyLoss())
+    X = torch.randn(args.batch_size, *INPUTS[args.model], device=args.device)
+    y = torch.randint(0, CLASSES[args.model], (args.batch_size,), device=args.device)
+    device = torch.device(args.device)
+
+    def backward(make_extension):
+        model.zero_grad()
+        extensions = [] if make_extension is None else [make_extension()]
+        with backpack(*extensions):
+            lossfunc(model(X), y).backward()
+        for p in model.parameters():  # drop the fields: measure one pass only
+            for field in (
+                "grad_batch",
+                "sum_grad_squared",
+                "batch_l2",
+                "variance",
+                "diag_ggn_mc",
+                "diag_ggn_exact",
+                "kfac",
+                "kflr",
+            ):
+                if hasattr(p, field):
+                    delattr(p, field)
+
+    jobs = [("none", "plain backward", None)]
+    for name in args.extensions:
+        jobs.append((name, "stock", getattr(bext, name)))
+        jobs.append((name, "backpack_tn", getattr(tne, name)))
+    rows = []
+    for extension, implementation, factory in tqdm(jobs, desc="time", leave=False):
+        try:
+            seconds = median_time(partial(backward, factory), device, args.repeats)
+            error = None
+        except Exception as exc:  # stock BackPACK refuses some layers
+            seconds, error = None, f"{type(exc).__name__}: {str(exc)[:80]}"
+        rows.append(
+            dict(
+                extension=extension,
+                implementation=implementation,
+                time_s=seconds,
+                memory_bytes=None,
+                error=error,
+            )
+        )
+    if args.memory:
+        for row, (_, _, factory) in tqdm(
+            list(zip(rows, jobs)), desc="memory", leave=False
+        ):
+            if row["error"] is None:
+                row["memory_bytes"] = peak_memory(partial(backward, factory), device)
+    return rows
+
+
+def table(rows: List[dict]) -> str:
+    """Markdown table: time and memory of stock and TN per extension, and ratios."""
+    lines = [
+        "| extension | stock [ms] | backpack_tn [ms] | speed-up | stock peak [MiB] | "
+        "backpack_tn peak [MiB] |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    by = {(r["extension"], r["implementation"]): r for r in rows}
+    plain = by[("none", "plain backward")]
+    lines.append(
+        f"| plain backward | {1e3 * plain['time_s']:.0f} | | | "
+        f"{(plain['memory_bytes'] or 0) / 2**20:.0f} | |"
+    )
+    for ext in dict.fromkeys(r["extension"] for r in rows if r["extension"] != "none"):
+        stock, ours = by[(ext, "stock")], by[(ext, "backpack_tn")]
+
+        def ms(r):
+            return "fails" if r["time_s"] is None else f"{1e3 * r['time_s']:.0f}"
+
+        def mib(r):
+            return (
+                "—" if r["memory_bytes"] is None else f"{r['memory_bytes'] / 2**20:.0f}"
+            )
+
+        ratio = (
+            f"{stock['time_s'] / ours['time_s']:.2f}×"
+            if stock["time_s"] and ours["time_s"]
+            else "—"
+        )
+        lines.append(
+            f"| {ext} | {ms(stock)} | {ms(ours)} | {ratio} | {mib(stock)} "
+            f"| {mib(ours)} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m backpack_tn.bench.models")
+    parser.add_argument("--model", choices=list(MODELS), default="allcnnc")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--extensions", nargs="+", choices=EXTENSIONS, default=EXTENSIONS
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-memory", dest="memory", action="store_false")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = run(args)
+    print(
+        f"<!-- {args.model}, batch {args.batch_size}, {args.device} "
+        f"({platform.machine()}), {args.threads} thread(s), "
+        f"torch {torch.__version__} -->"
+    )
+    print(table(rows))
+    for r in rows:
+        if r["error"]:
+            print(f"- {r['extension']} ({r['implementation']}): {r['error']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
