@@ -1,11 +1,11 @@
 """BackPACK derivatives of ``Conv{1,2,3}d`` computed with tensor networks.
 
 BackPACK's module extensions get every Jacobian product from a *derivatives* object.
-:class:`TNConvDerivatives` is a drop-in for BackPACK's ``Conv{N}DDerivatives`` whose
-products come from :mod:`backpack_tn.functional`: the transposed weight Jacobian (per-
-sample gradients, GGN square roots) without BackPACK's repeated-input grouped
-convolution, the input Jacobian without ``conv_transpose`` (so ``padding='same'`` and
-every ``padding_mode`` are right), and no unfolded input anywhere.
+:class:`TNConvDerivatives` is a drop-in for BackPACK's ``Conv{N}DDerivatives``: the
+weight Jacobians (per-sample gradients, GGN square roots, ``J_W`` products) come from
+:mod:`backpack_tn.functional` — no repeated-input grouped convolution, no unfolded
+input. The input Jacobians use tensor networks exactly where BackPACK's
+``conv_transpose`` is wrong (``padding='same'``, non-zero ``padding_mode``).
 """
 
 from __future__ import annotations
@@ -38,8 +38,22 @@ def hyperparameters(module: Module) -> dict:
     )
 
 
+def native_input_jacobian_ok(module: Module) -> bool:
+    """Whether BackPACK's own input Jacobians (torch convolutions) are right.
+
+    They are for zero padding given as numbers; they ignore ``padding_mode`` and
+    cannot take ``padding='same'``.
+    """
+    return module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
 class TNConvDerivatives(ConvNDDerivatives):
-    """Derivatives of ``Conv{N}d`` through ``backpack_tn.functional``."""
+    """Derivatives of ``Conv{N}d`` through ``backpack_tn.functional``.
+
+    The input Jacobian products (backpropagation to earlier layers) stay torch's
+    convolution kernels where those are right — they are fast and unfold nothing —
+    and use tensor networks for ``padding='same'`` and non-zero padding modes.
+    """
 
     def __init__(self, N: int):  # noqa: N803 (BackPACK's argument name)
         """Store the number of spatial dimensions.
@@ -57,6 +71,8 @@ class TNConvDerivatives(ConvNDDerivatives):
     def _jac_mat_prod(
         self, module: Module, g_inp: Tuple[Tensor], g_out: Tuple[Tensor], mat: Tensor
     ) -> Tensor:
+        if native_input_jacobian_ok(module):
+            return super()._jac_mat_prod(module, g_inp, g_out, mat)
         out = tnf.conv(
             mat.flatten(0, 1), module.weight.detach(), **hyperparameters(module)
         )
@@ -70,6 +86,8 @@ class TNConvDerivatives(ConvNDDerivatives):
         mat: Tensor,
         subsampling: Optional[List[int]] = None,
     ) -> Tensor:
+        if native_input_jacobian_ok(module):
+            return super()._jac_t_mat_prod(module, g_inp, g_out, mat, subsampling)
         v, n = mat.shape[:2]
         shape = (v * n, *module.input0.shape[1:])
         out = tnf.input_vjp(
@@ -119,6 +137,8 @@ class TNConvDerivatives(ConvNDDerivatives):
         Returns:
             ``[in_features, in_features]``.
         """
+        if native_input_jacobian_ok(module):
+            return super().ea_jac_t_mat_jac_prod(module, g_inp, g_out, mat)
         in_shape, out_shape = module.input0.shape[1:], module.output.shape[1:]
         n_in, n_out = in_shape.numel(), out_shape.numel()
         weight, hyper = module.weight.detach(), hyperparameters(module)
