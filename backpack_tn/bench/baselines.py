@@ -25,6 +25,7 @@ from backpack.utils.conv import extract_weight_diagonal, unfold_input
 from torch import Tensor, einsum, nn
 
 from backpack_tn import functional as tnf
+from backpack_tn.extensions.derivatives import hyperparameters
 from backpack_tn.tn.evaluate import force_strategy
 
 
@@ -40,14 +41,7 @@ class Problem:
     @property
     def hyper(self) -> dict:
         """The module's hyper-parameters as functional keywords."""
-        m = self.module
-        return dict(
-            stride=m.stride,
-            padding=m.padding,
-            dilation=m.dilation,
-            groups=m.groups,
-            padding_mode=m.padding_mode,
-        )
+        return hyperparameters(self.module)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Callable, List, Tuple
+from typing import List, Tuple
 
 import torch
 from backpack.extensions.firstorder.batch_grad.batch_grad_base import BatchGradBase
@@ -83,22 +83,39 @@ def tn_unsupported(module: Module) -> str | None:
 
 
 class TNConvExtension(ModuleExtension):
-    """Mixin: use the TN path where it applies, otherwise BackPACK's own extension.
+    """Base of the TN module extensions: TN path where it applies, else BackPACK's.
+
+    Subclasses name BackPACK's module extension they replace in :attr:`STOCK` (module
+    path below ``backpack.extensions`` and class name, ``{N}`` standing for the number
+    of spatial dimensions) and set up their BackPACK base class in
+    :meth:`_init_backpack`.
 
     Attributes:
         strict: Raise instead of falling back.
     """
 
-    def __init__(self, stock: Callable[[], ModuleExtension], strict: bool = False):
-        """Remember how to build BackPACK's extension for fallback.
+    STOCK: Tuple[str, str] = ("", "")
+
+    def __init__(self, N: int, strict: bool = False):  # noqa: N803
+        """Set up the extension for ``Conv{N}d``.
 
         Args:
-            stock: Zero-argument factory of BackPACK's module extension.
+            N: Number of spatial dimensions (1, 2 or 3).
             strict: Raise :class:`TNFallbackError` instead of falling back.
         """
-        self._make_stock = stock
-        self._stock = None
-        self.strict = strict
+        self.N, self.strict, self._stock = N, strict, None
+        self._init_backpack(N)
+
+    def _init_backpack(self, N: int) -> None:  # noqa: N803
+        raise NotImplementedError
+
+    def _stock_extension(self) -> ModuleExtension:
+        """BackPACK's own module extension for this (extension, layer) pair."""
+        if self._stock is None:
+            module, name = (part.format(N=self.N) for part in self.STOCK)
+            package = importlib.import_module(f"backpack.extensions.{module}")
+            self._stock = getattr(package, name)()
+        return self._stock
 
     def __call__(self, extension, module: Module, g_inp, g_out) -> None:
         """Run the TN extension, or fall back to BackPACK's for unsupported modules."""
@@ -121,19 +138,18 @@ class TNConvExtension(ModuleExtension):
                 f"backpack_tn: {name}: {reason}; falling back to BackPACK.",
                 stacklevel=2,
             )
-        if self._stock is None:
-            self._stock = self._make_stock()
-        return self._stock(extension, module, g_inp, g_out)
+        return self._stock_extension()(extension, module, g_inp, g_out)
 
 
-def _stock(module: str, name: str) -> Callable[[], ModuleExtension]:
-    """Factory of BackPACK's module extension ``{name}`` in ``{module}``."""
-
-    def make() -> ModuleExtension:
-        package = importlib.import_module(f"backpack.extensions.{module}")
-        return getattr(package, name)()
-
-    return make
+def _hyper_call(fn, module: Module, *tensors: Tensor, **options) -> Tensor:
+    """``fn(module.input0, *tensors, kernel_size, **hyper-parameters, **options)``."""
+    return fn(
+        module.input0,
+        *tensors,
+        module.kernel_size,
+        **hyperparameters(module),
+        **options,
+    )
 
 
 # --- first order ---------------------------------------------------------------------
@@ -142,18 +158,9 @@ def _stock(module: str, name: str) -> Callable[[], ModuleExtension]:
 class TNBatchGradConv(TNConvExtension, BatchGradBase):
     """``BatchGrad``: per-sample gradients (TN weight Jacobian, no repeated input)."""
 
-    def __init__(self, N: int, strict: bool = False):  # noqa: N803
-        """Set up for ``Conv{N}d``.
+    STOCK = ("firstorder.batch_grad.conv{N}d", "BatchGradConv{N}d")
 
-        Args:
-            N: Number of spatial dimensions.
-            strict: Raise instead of falling back to BackPACK.
-        """
-        TNConvExtension.__init__(
-            self,
-            _stock(f"firstorder.batch_grad.conv{N}d", f"BatchGradConv{N}d"),
-            strict,
-        )
+    def _init_backpack(self, N: int) -> None:  # noqa: N803
         BatchGradBase.__init__(self, TNConvDerivatives(N), PARAMS)
 
 
@@ -170,173 +177,99 @@ class TNGradConv(GradBaseModule):
 
 
 class TNSumGradSquaredConv(TNConvExtension, SGSBase):
-    """``SumGradSquared``: ``Σ_n (∇W_n)²`` without storing all per-sample gradients."""
+    """``SumGradSquared``: ``Σ_n (∇W_n)²`` as one squared TN."""
 
-    def __init__(self, N: int, strict: bool = False):  # noqa: N803
-        """Set up for ``Conv{N}d``.
+    STOCK = ("firstorder.sum_grad_squared.conv{N}d", "SGSConv{N}d")
 
-        Args:
-            N: Number of spatial dimensions.
-            strict: Raise instead of falling back to BackPACK.
-        """
-        TNConvExtension.__init__(
-            self,
-            _stock(f"firstorder.sum_grad_squared.conv{N}d", f"SGSConv{N}d"),
-            strict,
-        )
+    def _init_backpack(self, N: int) -> None:  # noqa: N803
         SGSBase.__init__(self, TNConvDerivatives(N), PARAMS)
 
     def weight(self, ext, module, g_inp, g_out, bpQuantities) -> Tensor:  # noqa: D102, N803
-        return tnf.sum_grad_squared_weight(
-            module.input0, g_out[0], module.kernel_size, **hyperparameters(module)
-        )
+        return _hyper_call(tnf.sum_grad_squared_weight, module, g_out[0])
 
 
 class TNBatchL2GradConv(TNConvExtension, BatchL2Base):
     """``BatchL2Grad``: per-sample squared norms, Gram form where cheaper."""
 
-    def __init__(self, N: int, strict: bool = False):  # noqa: N803
-        """Set up for ``Conv{N}d``.
+    STOCK = ("firstorder.batch_l2_grad.convnd", "BatchL2Conv{N}d")
 
-        Args:
-            N: Number of spatial dimensions.
-            strict: Raise instead of falling back to BackPACK.
-        """
-        TNConvExtension.__init__(
-            self, _stock("firstorder.batch_l2_grad.convnd", f"BatchL2Conv{N}d"), strict
-        )
+    def _init_backpack(self, N: int) -> None:  # noqa: N803
         BatchL2Base.__init__(self, PARAMS, TNConvDerivatives(N))
 
     def weight(self, ext, module, g_inp, g_out, backproped) -> Tensor:  # noqa: D102
-        return tnf.batch_l2_weight(
-            module.input0, g_out[0], module.kernel_size, **hyperparameters(module)
-        )
+        return _hyper_call(tnf.batch_l2_weight, module, g_out[0])
 
 
 class TNVarianceConv(TNConvExtension, VarianceBaseModule):
     """``Variance``: from the TN summed gradient and sum of squared gradients."""
 
-    def __init__(self, N: int, strict: bool = False):  # noqa: N803
-        """Set up for ``Conv{N}d``.
+    STOCK = ("firstorder.variance.conv{N}d", "VarianceConv{N}d")
 
-        Args:
-            N: Number of spatial dimensions.
-            strict: Raise instead of falling back to BackPACK.
-        """
-        TNConvExtension.__init__(
-            self, _stock(f"firstorder.variance.conv{N}d", f"VarianceConv{N}d"), strict
-        )
-        VarianceBaseModule.__init__(
-            self, PARAMS, TNGradConv(N), TNSumGradSquaredConv(N, strict)
-        )
+    def _init_backpack(self, N: int) -> None:  # noqa: N803
+        sgs = TNSumGradSquaredConv(N, self.strict)
+        VarianceBaseModule.__init__(self, PARAMS, TNGradConv(N), sgs)
 
 
 # --- second order --------------------------------------------------------------------
 
 
-def _diag(module: Module, S: Tensor, per_sample: bool) -> Tensor:  # noqa: N803
-    return tnf.diag_ggn_weight(
-        module.input0,
-        S,
-        module.kernel_size,
-        per_sample=per_sample,
-        **hyperparameters(module),
-    )
-
-
 class TNDiagGGNConv(TNConvExtension, DiagGGNConvND):
     """``DiagGGNExact``/``DiagGGNMC``: ``Σ_{v,n} (Jᵀ S)²`` as one squared TN."""
 
-    def __init__(self, N: int, strict: bool = False):  # noqa: N803
-        """Set up for ``Conv{N}d``.
+    STOCK = ("secondorder.diag_ggn.conv{N}d", "DiagGGNConv{N}d")
+    PER_SAMPLE = False
 
-        Args:
-            N: Number of spatial dimensions.
-            strict: Raise instead of falling back to BackPACK.
-        """
-        TNConvExtension.__init__(
-            self, _stock(f"secondorder.diag_ggn.conv{N}d", f"DiagGGNConv{N}d"), strict
-        )
+    def _init_backpack(self, N: int) -> None:  # noqa: N803
         DiagGGNConvND.__init__(self, derivatives=TNConvDerivatives(N), params=PARAMS)
 
     def weight(self, ext, module, grad_inp, grad_out, backproped) -> Tensor:  # noqa: D102
-        return _diag(module, backproped, per_sample=False)
+        return _hyper_call(
+            tnf.diag_ggn_weight, module, backproped, per_sample=self.PER_SAMPLE
+        )
 
 
-class TNBatchDiagGGNConv(TNConvExtension, BatchDiagGGNConvND):
+class TNBatchDiagGGNConv(TNDiagGGNConv, BatchDiagGGNConvND):
     """``BatchDiagGGNExact``/``BatchDiagGGNMC``: per-sample GGN diagonals."""
 
-    def __init__(self, N: int, strict: bool = False):  # noqa: N803
-        """Set up for ``Conv{N}d``.
+    STOCK = ("secondorder.diag_ggn.conv{N}d", "BatchDiagGGNConv{N}d")
+    PER_SAMPLE = True
 
-        Args:
-            N: Number of spatial dimensions.
-            strict: Raise instead of falling back to BackPACK.
-        """
-        TNConvExtension.__init__(
-            self,
-            _stock(f"secondorder.diag_ggn.conv{N}d", f"BatchDiagGGNConv{N}d"),
-            strict,
+    def bias(self, ext, module, grad_inp, grad_out, backproped) -> Tensor:  # noqa: D102
+        return BatchDiagGGNConvND.bias(
+            self, ext, module, grad_inp, grad_out, backproped
         )
-        BatchDiagGGNConvND.__init__(
-            self, derivatives=TNConvDerivatives(N), params=PARAMS
-        )
-
-    def weight(self, ext, module, grad_inp, grad_out, backproped) -> Tensor:  # noqa: D102
-        return _diag(module, backproped, per_sample=True)
-
-
-def _signed_diag(module: Module, backproped: dict, per_sample: bool) -> Tensor:
-    result = None
-    for sqrt_h, sign in zip(backproped["matrices"], backproped["signs"]):
-        term = _diag(module, sqrt_h, per_sample) * sign
-        result = term if result is None else result.add_(term)
-    if result is None:
-        shape = module.weight.shape
-        if per_sample:
-            shape = (module.input0.shape[0], *shape)
-        result = module.weight.new_zeros(shape)
-    return result
 
 
 class TNDiagHConv(TNConvExtension, DiagHConvND):
     """``DiagHessian``: signed sum of squared TN contractions."""
 
-    def __init__(self, N: int, strict: bool = False):  # noqa: N803
-        """Set up for ``Conv{N}d``.
+    STOCK = ("secondorder.diag_hessian.conv{N}d", "DiagHConv{N}d")
+    PER_SAMPLE = False
 
-        Args:
-            N: Number of spatial dimensions.
-            strict: Raise instead of falling back to BackPACK.
-        """
-        TNConvExtension.__init__(
-            self, _stock(f"secondorder.diag_hessian.conv{N}d", f"DiagHConv{N}d"), strict
-        )
+    def _init_backpack(self, N: int) -> None:  # noqa: N803
         DiagHConvND.__init__(self, derivatives=TNConvDerivatives(N), params=PARAMS)
 
     def weight(self, ext, module, g_inp, g_out, backproped) -> Tensor:  # noqa: D102
-        return _signed_diag(module, backproped, per_sample=False)
+        result = None
+        for sqrt_h, sign in zip(backproped["matrices"], backproped["signs"]):
+            term = _hyper_call(
+                tnf.diag_ggn_weight, module, sqrt_h, per_sample=self.PER_SAMPLE
+            ).mul_(sign)
+            result = term if result is None else result.add_(term)
+        if result is None:  # nothing backpropagated: the Hessian block is zero
+            shape = (module.input0.shape[0],) * self.PER_SAMPLE + module.weight.shape
+            result = module.weight.new_zeros(shape)
+        return result
 
 
-class TNBatchDiagHConv(TNConvExtension, BatchDiagHConvND):
+class TNBatchDiagHConv(TNDiagHConv, BatchDiagHConvND):
     """``BatchDiagHessian``: per-sample signed sums."""
 
-    def __init__(self, N: int, strict: bool = False):  # noqa: N803
-        """Set up for ``Conv{N}d``.
+    STOCK = ("secondorder.diag_hessian.conv{N}d", "BatchDiagHConv{N}d")
+    PER_SAMPLE = True
 
-        Args:
-            N: Number of spatial dimensions.
-            strict: Raise instead of falling back to BackPACK.
-        """
-        TNConvExtension.__init__(
-            self,
-            _stock(f"secondorder.diag_hessian.conv{N}d", f"BatchDiagHConv{N}d"),
-            strict,
-        )
-        BatchDiagHConvND.__init__(self, derivatives=TNConvDerivatives(N), params=PARAMS)
-
-    def weight(self, ext, module, g_inp, g_out, backproped) -> Tensor:  # noqa: D102
-        return _signed_diag(module, backproped, per_sample=True)
+    def bias(self, ext, module, g_inp, g_out, backproped) -> Tensor:  # noqa: D102
+        return BatchDiagHConvND.bias(self, ext, module, g_inp, g_out, backproped)
 
 
 class TNHBPConv(TNConvExtension, HBPConvNd):
@@ -350,16 +283,9 @@ class TNHBPConv(TNConvExtension, HBPConvNd):
     two-factor list.
     """
 
-    def __init__(self, N: int, strict: bool = False):  # noqa: N803
-        """Set up for ``Conv{N}d``.
+    STOCK = ("secondorder.hbp.conv{N}d", "HBPConv{N}d")
 
-        Args:
-            N: Number of spatial dimensions.
-            strict: Raise instead of falling back to BackPACK.
-        """
-        TNConvExtension.__init__(
-            self, _stock(f"secondorder.hbp.conv{N}d", f"HBPConv{N}d"), strict
-        )
+    def _init_backpack(self, N: int) -> None:  # noqa: N803
         HBPConvNd.__init__(self, N)
         self.derivatives = TNConvDerivatives(N)
 
@@ -371,12 +297,8 @@ class TNHBPConv(TNConvExtension, HBPConvNd):
         if ExpectationApproximation.should_average_param_jac(ext.get_ea_strategy()):
             raise NotImplementedError("Undefined")
         approx = getattr(ext, "kfac_approx", "expand")
-        factor = tnf.kfac_input_factor(
-            module.input0,
-            module.kernel_size,
-            approx=approx,
-            groups_mode="average",
-            **hyperparameters(module),
+        factor = _hyper_call(
+            tnf.kfac_input_factor, module, approx=approx, groups_mode="average"
         )
         return [factor]
 
@@ -384,29 +306,7 @@ class TNHBPConv(TNConvExtension, HBPConvNd):
 class TNSqrtGGNConv(TNConvExtension, SqrtGGNBaseModule):
     """``SqrtGGNExact``/``SqrtGGNMC``: ``Jᵀ S`` per sample as one TN."""
 
-    def __init__(self, N: int, strict: bool = False):  # noqa: N803
-        """Set up for ``Conv{N}d``.
+    STOCK = ("secondorder.sqrt_ggn.convnd", "SqrtGGNConv{N}d")
 
-        Args:
-            N: Number of spatial dimensions.
-            strict: Raise instead of falling back to BackPACK.
-        """
-        TNConvExtension.__init__(
-            self, _stock("secondorder.sqrt_ggn.convnd", f"SqrtGGNConv{N}d"), strict
-        )
+    def _init_backpack(self, N: int) -> None:  # noqa: N803
         SqrtGGNBaseModule.__init__(self, TNConvDerivatives(N), PARAMS)
-
-
-ModuleFactory = Callable[[int, bool], ModuleExtension]
-TN_CLASSES: Tuple[type, ...] = (
-    TNBatchGradConv,
-    TNSumGradSquaredConv,
-    TNBatchL2GradConv,
-    TNVarianceConv,
-    TNDiagGGNConv,
-    TNBatchDiagGGNConv,
-    TNDiagHConv,
-    TNBatchDiagHConv,
-    TNHBPConv,
-    TNSqrtGGNConv,
-)
