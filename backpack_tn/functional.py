@@ -159,6 +159,7 @@ def unfold(
     stride: IntOrTuple = 1,
     padding: Padding = 0,
     dilation: IntOrTuple = 1,
+    groups: int = 1,
     padding_mode: str = "zeros",
     simplify: bool = True,
 ) -> Tensor:
@@ -170,6 +171,7 @@ def unfold(
         stride: Stride.
         padding: Padding (int, tuple, ``'same'``, ``'valid'``).
         dilation: Dilation.
+        groups: Channel groups; only validated (``C`` must be divisible by it).
         padding_mode: Padding mode; padded positions copy input elements.
         simplify: Apply structural simplifications.
 
@@ -178,7 +180,7 @@ def unfold(
     """
     _spatial_dims(x)
     geometry = _geometry(
-        x.shape, kernel_size, stride, padding, dilation, 1, padding_mode
+        x.shape, kernel_size, stride, padding, dilation, groups, padding_mode
     )
     out = _run("unfold", geometry, simplify, {"x": _group_input(x, 1)})
     n, c = x.shape[:2]

@@ -72,9 +72,8 @@ def test_conv(case, simplify):
 
 def test_unfold(case, simplify):
     x = case.input()
-    hyper = {k: v for k, v in case.hyper.items() if k != "groups"}
     close(
-        tnf.unfold(x, case.kernel_size, simplify=simplify, **hyper),
+        tnf.unfold(x, case.kernel_size, simplify=simplify, **case.hyper),
         reference_unfold(case, x),
     )
 
