@@ -51,6 +51,10 @@ STRATEGIES = ("pattern", "window", "taps")
 #: element than a fused multiply-add in a GEMM).
 COPY_COST = 16.0
 
+#: FLOP-equivalents of one kernel launch / Python-level torch call, so that tiny
+#: problems prefer the candidate with the fewest calls.
+CALL_COST = 2e4
+
 #: Autotuning measures only candidates estimated at most this many times as costly as
 #: the cheapest, so one first call never runs a hopeless candidate.
 AUTOTUNE_PRUNE = 2.0
@@ -203,7 +207,10 @@ def _materialise_all(
             )
             continue
         drop = tuple(p for p, a in enumerate(op.axes) if a in net.dropped)
-        key = (op.source, op.views, drop, op.layout)
+        # Copies of one input (e.g. both sides of a Kronecker factor) differ in axis
+        # names only: key by the permutation, so the unfolded input is built once.
+        layout = None if op.layout is None else tuple(map(op.axes.index, op.layout))
+        key = (op.source, op.views, drop, layout)
         if key not in done:
             done[key] = _prepare_operand(net, op, tensors[op.source], drop)
         operands.append(done[key])
@@ -291,8 +298,8 @@ def candidates(
     """All ways to evaluate the formulations, with cost estimates.
 
     The estimate is ``opt_einsum``'s FLOP count plus :data:`COPY_COST` per element
-    copied (unfolded inputs, per-tap slices) and one per element of a squared
-    epilogue.
+    copied (unfolded inputs, per-tap slices), one per element of a squared epilogue
+    and :data:`CALL_COST` per torch call (which decides tiny problems).
 
     Args:
         formulations: Equivalent networks.
@@ -307,33 +314,34 @@ def candidates(
     for net in formulations:
         op_shapes = [_operand_shape(net, op, shapes) for op in net.operands]
         plan = _plan(net.equation, op_shapes, dtype, device)
-        # unfolded (window) operands are copied once
-        copied = sum(
-            math.prod(s) for op, s in zip(net.operands, op_shapes) if op.layout
+        # unfolded (window) operands are copied once, one strided copy per tap
+        windowed = {
+            (op.source, op.views): math.prod(s)
+            for op, s in zip(net.operands, op_shapes)
+            if op.layout
+        }
+        copied = sum(windowed.values())
+        taps = math.prod(
+            p.geometry.kernel_size for p in net.plans if p.kind == "window"
         )
+        calls = len(plan.expression.contraction_list) + len(windowed) * taps
         epilogue = 0.0
         if net.square_sum:
             sizes = _axis_sizes(net, shapes)
             epilogue = float(math.prod(sizes[a] for a in net.kept(net.output)))
         base = plan.flops + epilogue
-        result.append(
-            Candidate(
-                net, "einsum", base + COPY_COST * copied, plan.largest_intermediate
-            )
-        )
+        cost = base + COPY_COST * copied + CALL_COST * calls
+        result.append(Candidate(net, "einsum", cost, plan.largest_intermediate))
         if supports_taps(net):
             # every tap reads a strided slice of the input and the output-side
             # operands restricted to the tap's valid outputs (BLAS copies both)
-            taps = math.prod(
-                p.geometry.kernel_size for p in net.plans if p.kind == "window"
-            )
             others = sum(
                 math.prod(s)
                 for op, s in zip(net.operands, op_shapes)
                 if op.source not in (None, "x")
                 and any(a.startswith("o") for a in op.axes)
             )
-            cost = base + COPY_COST * (copied + taps * others)
+            cost = base + COPY_COST * (copied + taps * others) + CALL_COST * 4 * taps
             result.append(Candidate(net, "taps", cost, plan.largest_intermediate))
     forced = _SETTINGS["forced"]
     if forced is not None:
@@ -422,6 +430,15 @@ def _autotune(
     return best_result, best_index
 
 
+_CANDIDATES: LRUCache[tuple] = LRUCache("candidates", maxsize=1024)
+
+
+def _rank(formulations, shapes, dtype, device) -> tuple:
+    options = candidates(formulations, shapes, dtype, device)
+    cheapest = min(range(len(options)), key=lambda i: options[i].cost)
+    return formulations, options, cheapest
+
+
 def evaluate(
     formulations: Sequence[TensorNetwork], tensors: Mapping[str, Tensor]
 ) -> Tensor:
@@ -440,14 +457,14 @@ def evaluate(
     any_tensor = next(iter(tensors.values()))
     dtype, device = any_tensor.dtype, any_tensor.device
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    options = candidates(formulations, shapes, dtype, device)
-    key = (
-        tuple((c.network.equation, c.executor) for c in options),
-        tuple(sorted(shapes.items())),
-        dtype,
-        device,
+    key = (tuple(sorted(shapes.items())), dtype, device)
+    # ``formulations`` come from a cache and are immutable: key by identity; the
+    # entry keeps them alive, so the identity cannot be reused while cached.
+    options_key = (id(formulations), _SETTINGS["forced"], key)
+    formulations, options, cheapest = _CANDIDATES.get_or_create(
+        options_key, lambda: _rank(formulations, shapes, dtype, device)
     )
-    cheapest = min(range(len(options)), key=lambda i: options[i].cost)
+    key = (tuple((c.network.equation, c.executor) for c in options), key)
     tune = (
         _SETTINGS["autotune"]
         and len(options) > 1

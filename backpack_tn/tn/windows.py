@@ -151,7 +151,10 @@ def im2col(
         for d, k in zip(dims, taps):
             base[axis_of[d.position] + 1] = k
         for p, r in ranges.items():  # windows reading zero padding at this tap
-            for border in (slice(0, r.out_start), slice(r.out_stop, None)):
+            borders = [slice(0, r.out_start)] if r.out_start else []
+            if r.out_stop < by_position[p].output_size:
+                borders.append(slice(r.out_stop, None))
+            for border in borders:
                 index = list(base)
                 index[axis_of[p]] = border
                 canon[tuple(index)].zero_()
