@@ -40,6 +40,14 @@ def _field(params: Iterable[Tensor], savefield: str, allowed: Sequence[str]) -> 
     return values
 
 
+def _kron_apply(factors: List[Tensor], x: Tensor) -> Tensor:
+    """``(F_1 ⊗ … ⊗ F_k) x`` for ``x`` of shape ``[*param_shape, columns]``."""
+    y = x.reshape(*[f.shape[1] for f in factors], x.shape[-1])
+    for axis, f in enumerate(factors):  # each factor acts along its own axis
+        y = torch.tensordot(f, y, dims=([1], [axis])).movedim(0, axis)
+    return y.reshape(x.shape)
+
+
 class DiagonalLinearOperator(PyTorchLinearOperator):
     """Diagonal matrix over a list of parameter-shaped tensors."""
 
@@ -166,14 +174,7 @@ class KroneckerLinearOperator(PyTorchLinearOperator):
         )
 
     def _matmat(self, X: List[Tensor]) -> List[Tensor]:
-        out = []
-        for fs, x in zip(self._factors, X):
-            cols = x.shape[-1]
-            y = x.reshape(*[f.shape[0] for f in fs], cols)
-            for axis, f in enumerate(fs):  # apply each factor along its axis
-                y = torch.tensordot(f, y, dims=([1], [axis])).movedim(0, axis)
-            out.append(y.reshape(x.shape))
-        return out
+        return [_kron_apply(fs, x) for fs, x in zip(self._factors, X)]
 
     @property
     def factors(self) -> List[List[Tensor]]:
@@ -236,14 +237,9 @@ class _EigenKroneckerInverse(PyTorchLinearOperator):
     def _matmat(self, X: List[Tensor]) -> List[Tensor]:
         out = []
         for (evecs, inv), x in zip(self._eig, X):
-            cols = x.shape[-1]
-            y = x.reshape(*[q.shape[0] for q in evecs], cols)
-            for axis, q in enumerate(evecs):  # into the eigenbasis: Qᵀ along each axis
-                y = torch.tensordot(q.T, y, dims=([1], [axis])).movedim(0, axis)
-            y = y * inv.unsqueeze(-1)
-            for axis, q in enumerate(evecs):  # back: Q along each axis
-                y = torch.tensordot(q, y, dims=([1], [axis])).movedim(0, axis)
-            out.append(y.reshape(x.shape))
+            y = _kron_apply([q.T for q in evecs], x)  # into the eigenbasis
+            y = (y.reshape(*inv.shape, -1) * inv.unsqueeze(-1)).reshape(x.shape)
+            out.append(_kron_apply(evecs, y))  # and back
         return out
 
     @property
