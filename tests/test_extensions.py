@@ -364,17 +364,6 @@ def conv_inputs(model, X):
     return inputs
 
 
-def output_factor_reference(model, lossfunc, X, y):
-    """``Σ_{v,n} s̄ s̄ᵀ`` with ``s̄`` the bias square-root GGN (stock BackPACK)."""
-    run(model, lossfunc, X, y, bext.SqrtGGNExact())
-    factors = {}
-    for m in model.modules():
-        if isinstance(m, tuple(CONV.values())):
-            s = m.bias.sqrt_ggn_exact  # [V, N, C_out] = Σ_o S (bias Jacobian)
-            factors[m] = torch.einsum("vni,vnj->ij", s, s)
-    return factors
-
-
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 @pytest.mark.parametrize("dims", [1, 2, 3], ids=["1d", "2d", "3d"])
 @pytest.mark.parametrize(
@@ -383,40 +372,51 @@ def output_factor_reference(model, lossfunc, X, y):
     ids=["grouped", "dense", "circular"],
 )
 def test_kflr_factors_vs_independent_reference(arch, padding_mode, dims, approx):
-    """KFLR = [Σ s̄ s̄ᵀ, A]: A from F.pad + unfoldNd, s̄ from the exact square root."""
+    """KFLR = [B, A]: A from F.pad + unfoldNd; B = Σ s̄ s̄ᵀ is the exact GGN block of
+    the layer's bias (s̄ = bias Jacobianᵀ × square root), from curvlinops' dense GGN."""
     X, y = make_data(dims, 3, "ce-mean")
     layers = ARCHITECTURES[arch]
     model = make_model(dims, layers, padding_mode=padding_mode)
+    ggn = dense_ggn(model, nn.CrossEntropyLoss(), X, y)  # before BackPACK touches it
+    params = list(model.parameters())
+    offsets = dict(
+        zip(
+            map(id, params),
+            torch.tensor([0] + [p.numel() for p in params]).cumsum(0).tolist(),
+        )
+    )
     inputs = conv_inputs(model, X)
-    if padding_mode == "zeros":
-        out_factor = output_factor_reference(model, nn.CrossEntropyLoss(), X, y)
-    else:  # stock BackPACK is wrong here; use our exact square root (tested below)
-        out_factor = {}
-        run(model, nn.CrossEntropyLoss(), X, y, tne.SqrtGGNExact())
-        for m in inputs:
-            s = m.bias.sqrt_ggn_exact
-            out_factor[m] = torch.einsum("vni,vnj->ij", s, s)
     ours = make_model(dims, layers, padding_mode=padding_mode)
     run(ours, nn.CrossEntropyLoss(), X, y, tne.KFLR(kfac_approx=approx))
     for m_ref, m in zip(
         inputs, [m for m in ours.modules() if m.__class__ in CONV.values()]
     ):
+        start = offsets[id(m_ref.bias)]
+        B_ref = ggn[
+            start : start + m_ref.bias.numel(), start : start + m_ref.bias.numel()
+        ]
         B, A = m.weight.kflr
-        torch.testing.assert_close(B, out_factor[m_ref], rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(B, B_ref, rtol=1e-10, atol=1e-13)
         A_ref = reference_input_factor(m, inputs[m_ref], approx)
         torch.testing.assert_close(A, A_ref, rtol=1e-10, atol=1e-13)
         (B_bias,) = m.bias.kflr
-        torch.testing.assert_close(B_bias, out_factor[m_ref], rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(B_bias, B_ref, rtol=1e-10, atol=1e-13)
 
 
-def dense_ggn_diagonal(model, lossfunc, X, y):
-    """Exact GGN diagonal from curvlinops' dense GGN (independent of BackPACK)."""
+def dense_ggn(model, lossfunc, X, y):
+    """The exact GGN matrix from curvlinops (independent of BackPACK and TNs)."""
     from curvlinops import GGNLinearOperator
 
     params = [p for p in model.parameters() if p.requires_grad]
     G = GGNLinearOperator(model, lossfunc, params, [(X, y)], check_deterministic=False)
     dim = sum(p.numel() for p in params)
-    diag = (G @ torch.eye(dim, dtype=torch.float64)).diagonal()
+    return G @ torch.eye(dim, dtype=torch.float64)
+
+
+def dense_ggn_diagonal(model, lossfunc, X, y):
+    """Exact GGN diagonal, per parameter, from :func:`dense_ggn`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    diag = dense_ggn(model, lossfunc, X, y).diagonal()
     return list(diag.split([p.numel() for p in params]))
 
 
