@@ -6,7 +6,6 @@ torchvision) is needed to benchmark it; the source network is named for referenc
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -30,16 +29,6 @@ class Layer:
     padding: int = 0
     dilation: int = 1
     groups: int = 1
-
-    @property
-    def category(self) -> str:
-        """Structure class used in reports: dense, down-sampling or general."""
-        k, s, p = self.kernel_size, self.stride, self.padding
-        if p == 0 and k == 1:
-            return "down-sampling" if s > 1 else "dense"
-        if p == 0 and s >= k:
-            return "dense"
-        return "general"
 
     @property
     def hyper(self) -> dict:
@@ -78,11 +67,6 @@ class Layer:
             f"{k} s{self.stride} p{self.padding}{groups} "
             f"{self.in_channels}→{self.out_channels} @{size}"
         )
-
-    def unfolded_numel(self, batch_size: int) -> int:
-        """Elements of the unfolded input ``[N, C_in·ΠK, ΠO]``."""
-        k = self.kernel_size ** len(self.input_size)
-        return batch_size * self.in_channels * k * math.prod(self.output_size)
 
 
 #: Six representative layers of real CNNs (torchvision definitions), plus the wide

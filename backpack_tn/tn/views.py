@@ -14,9 +14,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from backpack_tn.tn.cache import LRUCache
 from backpack_tn.tn.network import SpatialView
 
 Shape = Tuple[int, ...]
+
+
+_INDICES: LRUCache[Tensor] = LRUCache("gather_indices", maxsize=256)
+
+
+def gather_rows(tensor: Tensor, axis: int, index: Tuple[int, ...]) -> Tensor:
+    """``tensor.index_select(axis, index)`` with the index tensor cached per device.
+
+    Used for padding modes that copy input elements: the rows of the padded axis.
+    """
+    rows = _INDICES.get_or_create(
+        (index, tensor.device), lambda: torch.tensor(index, device=tensor.device)
+    )
+    return tensor.index_select(axis, rows)
 
 
 def _view_length(view: SpatialView) -> int:
@@ -51,8 +66,7 @@ def apply_views(tensor: Tensor, views: Tuple[SpatialView, ...]) -> Tensor:
     for pos in reversed(range(lead, tensor.dim())):
         view = views[pos - lead]
         if view.index is not None:
-            index = torch.tensor(view.index, device=tensor.device)
-            tensor = tensor.index_select(pos, index)
+            tensor = gather_rows(tensor, pos, view.index)
         elif (view.start, view.stop, view.step) != (0, tensor.shape[pos], 1):
             index = (slice(None),) * pos + (slice(view.start, view.stop, view.step),)
             tensor = tensor[index]

@@ -24,10 +24,10 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
-import torch
 from torch import Tensor
 
 from backpack_tn.tn.network import DimPlan, Operand, TensorNetwork
+from backpack_tn.tn.views import gather_rows
 
 
 @dataclass(frozen=True)
@@ -105,8 +105,7 @@ def _prepare(x: Tensor, dims: Tuple[WindowDim, ...], lead: int) -> Tensor:
     """Gather the padded rows of non-zero padding modes (a copy of input size)."""
     for dim in dims:
         if dim.gather is not None:
-            index = torch.tensor(dim.gather, device=x.device)
-            x = x.index_select(lead + dim.position, index)
+            x = gather_rows(x, lead + dim.position, dim.gather)
         elif dim.size != x.shape[lead + dim.position]:  # rows never read
             x = x.narrow(lead + dim.position, 0, dim.size)
     return x
