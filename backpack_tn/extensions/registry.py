@@ -18,6 +18,7 @@ from backpack import extensions as bext
 from backpack.extensions.backprop_extension import BackpropExtension
 from torch.nn import Conv1d, Conv2d, Conv3d
 
+from backpack_tn.dropout import TNDropoutConv1d, TNDropoutConv2d, TNDropoutConv3d
 from backpack_tn.extensions import modules as tnm
 
 #: TN module extension class for each BackPACK extension class.
@@ -41,6 +42,11 @@ TN_MODULE_EXTENSIONS: Dict[Type[BackpropExtension], type] = {
 
 CONVOLUTIONS = {1: Conv1d, 2: Conv2d, 3: Conv3d}
 
+# BackPACK looks module extensions up by exact class, so the tensor-dropout
+# convolutions (backpack_tn.dropout) are registered as the convolutions they are:
+# their BackPACK quantities come from the saved module input and stay exact.
+DROPOUT_CONVOLUTIONS = {1: TNDropoutConv1d, 2: TNDropoutConv2d, 3: TNDropoutConv3d}
+
 
 def tn_module_extension_class(extension: BackpropExtension) -> Optional[type]:
     """The TN module extension for an extension (by class, subclasses included)."""
@@ -52,6 +58,8 @@ def tn_module_extension_class(extension: BackpropExtension) -> Optional[type]:
 
 def register(extension: BackpropExtension, strict: bool = False) -> BackpropExtension:
     """Make a BackPACK extension compute its ``Conv{1,2,3}d`` quantities with TNs.
+
+    The tensor-dropout convolutions ``TNDropoutConv{1,2,3}d`` are registered too.
 
     Args:
         extension: An instance of a BackPACK extension (``BatchGrad()``, ``KFAC()``, …).
@@ -74,8 +82,9 @@ def register(extension: BackpropExtension, strict: bool = False) -> BackpropExte
                 f"{type(extension).__name__}; supported: {supported}."
             )
         return extension
-    for dims, conv in CONVOLUTIONS.items():
-        extension.set_module_extension(conv, tn_class(dims, strict), overwrite=True)
+    for classes in (CONVOLUTIONS, DROPOUT_CONVOLUTIONS):
+        for dims, conv in classes.items():
+            extension.set_module_extension(conv, tn_class(dims, strict), overwrite=True)
     return extension
 
 
