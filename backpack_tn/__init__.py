@@ -6,12 +6,17 @@ instead of im2col, following *Convolutions and More as Einsum* (Dangel, NeurIPS 
 """
 
 from backpack_tn import functional
+from backpack_tn._install import enabled, install, is_installed, uninstall
 from backpack_tn.tn import cache_stats, clear_caches, set_memory_budget
 
 __version__ = "0.1.0"
 
 __all__ = [
     "functional",
+    "install",
+    "uninstall",
+    "is_installed",
+    "enabled",
     "cache_stats",
     "clear_caches",
     "set_memory_budget",

@@ -28,6 +28,7 @@ __all__ = [
     "input_vjp",
     "weight_vjp",
     "kfac_input_factor",
+    "averaged_patches",
     "diag_ggn_weight",
     "sqrt_ggn_weight",
     "batch_l2_weight",
@@ -382,6 +383,60 @@ def kfac_input_factor(
     dim = x.shape[1] // groups * math.prod(geometry.kernel_size)
     out = out.mul_(scale).reshape(grouped.shape[1], dim, dim)
     return out[0] if groups_mode == "average" else out
+
+
+def averaged_patches(
+    x: Tensor,
+    kernel_size: IntOrTuple,
+    *,
+    stride: IntOrTuple = 1,
+    padding: Padding = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    groups_mode: str = "average",
+    simplify: bool = True,
+) -> Tensor:
+    """Per-sample mean of the unfolded input patches over output positions.
+
+    ``ū_n = (1/O) Σ_o u_{n,o}`` — the vector KFAC-reduce builds its input factor from,
+    computed by contracting the input with the position-summed index pattern (the
+    unfolded input is never formed).
+
+    Args:
+        x: Input ``[N, C_in, *I]``.
+        kernel_size: Kernel size.
+        stride: Stride.
+        padding: Padding (int, tuple, ``'same'``, ``'valid'``).
+        dilation: Dilation.
+        groups: Number of channel groups.
+        padding_mode: Padding mode.
+        groups_mode: ``'average'`` averages the input over channel groups first
+            (curvlinops' convention); ``'separate'`` keeps every group.
+        simplify: Apply structural simplifications.
+
+    Returns:
+        ``[N, C_in/G·ΠK]`` (average) or ``[N, G, C_in/G·ΠK]`` (separate), entries
+        ordered channel-major as ``F.unfold``.
+
+    Raises:
+        ValueError: For an unknown ``groups_mode`` or invalid hyper-parameters.
+    """
+    if groups_mode not in GROUPS_MODES:
+        raise ValueError(
+            f"groups_mode must be one of {GROUPS_MODES}, got {groups_mode!r}."
+        )
+    _spatial_dims(x)
+    geometry = _geometry(
+        x.shape, kernel_size, stride, padding, dilation, groups, padding_mode
+    )
+    grouped = _group_input(x, groups)
+    if groups_mode == "average" and groups > 1:
+        grouped = grouped.mean(1, keepdim=True)
+    out = _run("patch_sum", geometry, simplify, {"x": grouped})
+    out = out.div_(math.prod(geometry.output_size))
+    out = out.reshape(x.shape[0], grouped.shape[1], -1)
+    return out[:, 0] if groups_mode == "average" else out
 
 
 def sqrt_ggn_weight(

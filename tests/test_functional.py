@@ -124,6 +124,17 @@ def test_kfac_input_factor(case, simplify, approx, groups_mode):
     close(result, expected)
 
 
+@pytest.mark.parametrize("groups_mode", ["average", "separate"])
+def test_averaged_patches(case, simplify, groups_mode):
+    x = case.input()
+    u = grouped_unfold(case, x).mean(-1)  # [N, G, C/G·K]
+    expected = u.mean(1) if groups_mode == "average" else u
+    result = tnf.averaged_patches(
+        x, case.kernel_size, groups_mode=groups_mode, simplify=simplify, **case.hyper
+    )
+    close(result, expected)
+
+
 def _reference_sqrt_ggn(case: Case, x: Tensor, S: Tensor) -> Tensor:
     u = grouped_unfold(case, x)  # [N, G, C/G·K, O]
     V, N = S.shape[:2]

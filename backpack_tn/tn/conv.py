@@ -90,6 +90,13 @@ def _kfac_input(plans, approx: str) -> Formulations:
     return (TensorNetwork((*first, *second), out, dropped, plans=plans),)
 
 
+def _patch_sum(plans) -> Formulations:
+    # Σ_o u_{n,o}: the reduced pattern Π̄ = Σ_o Π carries the sum over positions.
+    x_side = input_side("x", plans, ("n", "g", "c"), {}, reduced=True)
+    out = ("n", "g", "c") + kernel_axes(plans)
+    return (TensorNetwork(x_side, out, dropped_kernel_axes(plans), plans=plans),)
+
+
 def _sqrt_ggn(plans, square_sum=None, label="tn", keep_n=True) -> TensorNetwork:
     s = Operand("s", ("v", "n", "g", "d") + output_axes(plans))
     x_side = input_side("x", plans, ("n", "g", "c"), {})
@@ -153,6 +160,8 @@ def _build(op: str, plans, options: tuple) -> Formulations:
         return _weight_vjp(plans, opts["per_sample"])
     if op == "kfac_input":
         return _kfac_input(plans, opts["approx"])
+    if op == "patch_sum":
+        return _patch_sum(plans)
     if op == "sqrt_ggn":
         return (_sqrt_ggn(plans, keep_n=not opts["sum_batch"]),)
     if op == "diag_ggn":
@@ -189,8 +198,8 @@ def networks(
 
     Args:
         op: One of ``'forward'``, ``'unfold'``, ``'input_vjp'``, ``'weight_vjp'``,
-            ``'kfac_input'``, ``'sqrt_ggn'``, ``'diag_ggn'``, ``'batch_l2'``,
-            ``'sum_grad_squared'``.
+            ``'kfac_input'``, ``'patch_sum'``, ``'sqrt_ggn'``, ``'diag_ggn'``,
+            ``'batch_l2'``, ``'sum_grad_squared'``.
         geometry: The convolution's geometry.
         simplify: Apply the simplifications of DESIGN §2.3.
         **options: Operation options (``per_sample``, ``approx``).

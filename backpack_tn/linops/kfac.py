@@ -1,0 +1,334 @@
+"""curvlinops' KFAC and EKFAC operators with tensor-network convolution statistics.
+
+:class:`KFACLinearOperator` and :class:`EKFACLinearOperator` subclass curvlinops'
+operators (version 3.0.x) and change only where the numbers of convolutions come from:
+
+* the input covariance of a ``Conv{1,2,3}d`` (KFAC-expand ``Σ_o u_o u_oᵀ`` and
+  KFAC-reduce ``ū ūᵀ``) is contracted from the layer input and the index patterns —
+  curvlinops unfolds the input (expand) or builds dense averaged patterns (reduce), for
+  ``Conv2d`` only;
+* EKFAC's eigenvalue correction squares per-example gradients rotated into the
+  Kronecker eigenbasis; the per-example gradients come from the TN weight VJP, batch
+  chunk by batch chunk, where curvlinops unfolds the whole input first.
+
+Everything else — loss-scale corrections, the ``matmat``, ``trace``/``det``/``logdet``,
+``state_dict``, :class:`curvlinops.KFACInverseLinearOperator` — is curvlinops' own, so
+the operators are drop-in replacements. Beyond curvlinops they
+support ``Conv1d``/``Conv3d``, uneven ``padding='same'`` and every ``padding_mode``
+(curvlinops' hooks see the unpadded input and silently treat those as zero padding).
+
+Conventions are curvlinops': channel groups are averaged (one Kronecker factor shared
+by all groups), KFAC-expand divides the input covariance by the number of output
+positions, and with ``separate_weight_and_bias=False`` the bias is the last input row.
+
+:func:`install_curvlinops` patches the same hooks into curvlinops' own classes, so
+code that builds ``curvlinops.KFACLinearOperator`` itself (e.g. laplace-torch) gets the
+TN statistics and the extra layers too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import curvlinops
+import torch
+from curvlinops.ekfac import EKFACLinearOperator as _CurvEKFAC
+from curvlinops.kfac import FisherType, KFACType
+from curvlinops.kfac import KFACLinearOperator as _CurvKFAC
+from torch import Tensor
+from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
+
+from backpack_tn import functional as tnf
+from backpack_tn.tn.evaluate import get_memory_budget
+from backpack_tn.tn.geometry import make_geometry
+
+__all__ = [
+    "KFACLinearOperator",
+    "EKFACLinearOperator",
+    "install_curvlinops",
+    "uninstall_curvlinops",
+    "curvlinops_is_installed",
+    "FisherType",
+    "KFACType",
+]
+
+CONVOLUTIONS = (Conv1d, Conv2d, Conv3d)
+SUPPORTED_MODULES = (Linear, *CONVOLUTIONS)
+
+# curvlinops' originals, captured before anything is patched.
+_STOCK = {
+    (_CurvKFAC, "_SUPPORTED_MODULES"): _CurvKFAC.__dict__["_SUPPORTED_MODULES"],
+    (_CurvKFAC, "_hook_accumulate_input_covariance"): _CurvKFAC.__dict__[
+        "_hook_accumulate_input_covariance"
+    ],
+    (_CurvKFAC, "_accumulate_gradient_covariance"): _CurvKFAC.__dict__[
+        "_accumulate_gradient_covariance"
+    ],
+    (_CurvEKFAC, "_accumulate_corrected_eigenvalues"): _CurvEKFAC.__dict__[
+        "_accumulate_corrected_eigenvalues"
+    ],
+}
+
+
+def _conv_hyperparameters(module: Module) -> dict:
+    return dict(
+        stride=module.stride,
+        padding=module.padding,
+        dilation=module.dilation,
+        padding_mode=module.padding_mode,
+    )
+
+
+def _num_positions(module: Module, x: Tensor) -> int:
+    """Number of output positions ``O`` of a convolution on input ``x``."""
+    geometry = make_geometry(
+        x.shape[2:], module.kernel_size, groups=1, **_conv_hyperparameters(module)
+    )
+    return math.prod(geometry.output_size)
+
+
+def _group_average(x: Tensor, groups: int) -> Tensor:
+    """Average the input over channel groups (curvlinops' grouped-conv convention)."""
+    if groups == 1:
+        return x
+    n, c = x.shape[:2]
+    return x.reshape(n, groups, c // groups, *x.shape[2:]).mean(1)
+
+
+def _check_single_input(inputs: Tuple[Tensor, ...]) -> Tensor:
+    if len(inputs) != 1:
+        raise ValueError("Modules with multiple inputs are not supported.")
+    return inputs[0].data.detach()
+
+
+def _gradient_scale(op: _CurvKFAC, batch_size: int) -> float:
+    """Curvlinops' correction of the gradient outer products for the loss reduction.
+
+    Backpropagated gradients of a mean-reduced loss carry ``1/(N·T)``; the Fisher of
+    the data set wants ``1/N_data`` per example, and MC samples are averaged.
+    """
+    if op._loss_func.reduction == "sum":
+        return 1.0 / op._mc_samples
+    terms = op._num_per_example_loss_terms
+    return (batch_size * terms) ** 2 / (op._N_data * op._mc_samples * terms)
+
+
+def _joint_bias(op: _CurvKFAC, module_name: str) -> bool:
+    params = op._mapping[module_name]
+    return "weight" in params and "bias" in params and not op._separate_weight_and_bias
+
+
+class KFACLinearOperator(_CurvKFAC):
+    """curvlinops' ``KFACLinearOperator`` with TN convolution statistics.
+
+    Same constructor, methods and conventions as
+    :class:`curvlinops.KFACLinearOperator`; supports ``Linear`` and
+    ``Conv1d``/``Conv2d``/``Conv3d`` (groups, dilation, stride, every padding and
+    ``padding_mode``). See the module docstring for what changes.
+    """
+
+    _SUPPORTED_MODULES = SUPPORTED_MODULES
+
+    def _hook_accumulate_input_covariance(
+        self, module: Module, inputs: Tuple[Tensor], module_name: str
+    ):
+        """Forward pre-hook: add a batch's input covariance (TN for convolutions).
+
+        Args:
+            module: The layer.
+            inputs: Its inputs (exactly one).
+            module_name: The layer's name in the model.
+        """
+        if not isinstance(module, CONVOLUTIONS):
+            stock = _STOCK[(_CurvKFAC, "_hook_accumulate_input_covariance")]
+            return stock(self, module, inputs, module_name)
+
+        x = _check_single_input(inputs)
+        hyper = _conv_hyperparameters(module)
+        batch_size = x.shape[0]
+        # curvlinops normalises both approximations per data point (and expand also
+        # per output position); the row/column of a joint bias is Σ_n ū_n / N_data
+        # and its corner N/N_data in both cases.
+        if self._kfac_approx == KFACType.EXPAND:
+            factor = tnf.kfac_input_factor(
+                x, module.kernel_size, groups=module.groups, approx="expand", **hyper
+            )
+            scale = batch_size / (self._N_data * _num_positions(module, x))
+            covariance = factor.mul_(scale)
+            means = None
+        else:
+            means = tnf.averaged_patches(
+                x, module.kernel_size, groups=module.groups, **hyper
+            )
+            covariance = (means.T @ means).div_(self._N_data)
+
+        if _joint_bias(self, module_name):
+            if means is None:
+                means = tnf.averaged_patches(
+                    x, module.kernel_size, groups=module.groups, **hyper
+                )
+            column = means.sum(0).div_(self._N_data)
+            corner = column.new_full((1,), batch_size / self._N_data)
+            covariance = torch.cat(
+                [
+                    torch.cat([covariance, column.unsqueeze(1)], dim=1),
+                    torch.cat([column, corner]).unsqueeze(0),
+                ]
+            )
+
+        self._input_covariances = self._set_or_add_(
+            self._input_covariances, module_name, covariance
+        )
+
+    def _accumulate_gradient_covariance(
+        self, grad_output: Tensor, module: Module, module_name: str
+    ):
+        """Tensor hook: add a batch's output-gradient covariance.
+
+        Like curvlinops, but the channel axis of a convolution's output gradient is
+        moved last for any number of spatial dimensions (curvlinops: ``Conv2d`` only).
+
+        Args:
+            grad_output: Gradient w.r.t. the layer output.
+            module: The layer.
+            module_name: The layer's name in the model.
+        """
+        g = grad_output.data.detach()
+        batch_size = g.shape[0]
+        if isinstance(module, CONVOLUTIONS):
+            g = g.movedim(1, -1)
+        g = g.reshape(batch_size, -1, g.shape[-1])  # [N, shared, D_out]
+        if self._kfac_approx == KFACType.EXPAND:
+            g = g.flatten(0, 1)
+        else:
+            g = g.sum(1)
+        covariance = (g.T @ g).mul_(_gradient_scale(self, batch_size))
+        self._gradient_covariances = self._set_or_add_(
+            self._gradient_covariances, module_name, covariance
+        )
+
+
+def _rotated_square_sum(
+    per_example: Tensor, q_out: Tensor, q_in: Optional[Tensor]
+) -> Tensor:
+    """``Σ_n (Q_outᵀ G_n Q_in)²`` (``Σ_n (Q_outᵀ g_n)²`` without ``Q_in``)."""
+    rotated = torch.einsum("nij,ia->naj", per_example, q_out)
+    if q_in is not None:
+        rotated = rotated @ q_in
+    return rotated.square_().sum(0)
+
+
+def _chunks(batch_size: int, bytes_per_example: int):
+    """Batch slices whose per-example gradients fit the engine's memory budget."""
+    budget = get_memory_budget()
+    size = batch_size if budget is None else max(1, budget // (3 * bytes_per_example))
+    for start in range(0, batch_size, size):
+        yield slice(start, min(start + size, batch_size))
+
+
+class EKFACLinearOperator(_CurvEKFAC, KFACLinearOperator):
+    """curvlinops' ``EKFACLinearOperator`` with TN convolution statistics.
+
+    Same constructor, methods and conventions as
+    :class:`curvlinops.EKFACLinearOperator`. The Kronecker factors come from
+    :class:`KFACLinearOperator`'s hooks; the eigenvalue correction of a convolution
+    squares rotated per-example gradients computed by the TN weight VJP in batch
+    chunks bounded by :func:`backpack_tn.tn.evaluate.set_memory_budget`.
+    """
+
+    _SUPPORTED_MODULES = SUPPORTED_MODULES
+
+    def _accumulate_corrected_eigenvalues(
+        self, grad_output: Tensor, module: Module, module_name: str
+    ):
+        """Tensor hook: add a batch's corrected eigenvalues (TN for convolutions).
+
+        Args:
+            grad_output: Gradient w.r.t. the layer output.
+            module: The layer.
+            module_name: The layer's name in the model.
+        """
+        if not isinstance(module, CONVOLUTIONS):
+            stock = _STOCK[(_CurvEKFAC, "_accumulate_corrected_eigenvalues")]
+            return stock(self, grad_output, module, module_name)
+        _conv_corrected_eigenvalues(self, grad_output, module, module_name)
+
+
+def _conv_corrected_eigenvalues(
+    op: _CurvEKFAC, grad_output: Tensor, module: Module, module_name: str
+) -> None:
+    g = grad_output.data.detach()
+    batch_size = g.shape[0]
+    scale = _gradient_scale(op, batch_size)
+    params = op._mapping[module_name]
+    q_in = op._input_covariances_eigenvectors.get(module_name)
+    q_out = op._gradient_covariances_eigenvectors[module_name]
+    x = op._cached_activations.get(module_name)
+    g_sum = g.flatten(2).sum(-1)  # the bias gradient of every example
+
+    def corrections(with_weight: bool, with_bias: bool) -> Tensor:
+        if not with_weight:
+            return _rotated_square_sum(g_sum.unsqueeze(-1), q_out, None).squeeze(-1)
+        # curvlinops' patches average the groups: a groups=1 convolution on x̄.
+        x_bar = _group_average(x, module.groups)
+        hyper = _conv_hyperparameters(module)
+        dim_in = q_in.shape[0]
+        result = None
+        for rows in _chunks(batch_size, g.shape[1] * dim_in * g.element_size()):
+            per_example = tnf.weight_vjp(
+                x_bar[rows], g[rows], module.kernel_size, per_sample=True, **hyper
+            ).flatten(2)
+            if with_bias:
+                per_example = torch.cat(
+                    [per_example, g_sum[rows].unsqueeze(-1)], dim=-1
+                )
+            part = _rotated_square_sum(per_example, q_out, q_in)
+            result = part if result is None else result.add_(part)
+        return result
+
+    if _joint_bias(op, module_name):
+        value = corrections(True, True).mul_(scale)
+        op._corrected_eigenvalues = op._set_or_add_(
+            op._corrected_eigenvalues, module_name, value
+        )
+        return
+    per_param: Dict[int, Tensor] = op._corrected_eigenvalues.setdefault(module_name, {})
+    for name, pos in params.items():
+        value = corrections(name == "weight", False).mul_(scale)
+        op._set_or_add_(per_param, pos, value)
+
+
+_PATCHES = {
+    (_CurvKFAC, "_SUPPORTED_MODULES"): SUPPORTED_MODULES,
+    (_CurvKFAC, "_hook_accumulate_input_covariance"): KFACLinearOperator.__dict__[
+        "_hook_accumulate_input_covariance"
+    ],
+    (_CurvKFAC, "_accumulate_gradient_covariance"): KFACLinearOperator.__dict__[
+        "_accumulate_gradient_covariance"
+    ],
+    (_CurvEKFAC, "_accumulate_corrected_eigenvalues"): EKFACLinearOperator.__dict__[
+        "_accumulate_corrected_eigenvalues"
+    ],
+}
+
+
+def install_curvlinops() -> None:
+    """Route curvlinops' own ``KFACLinearOperator``/``EKFACLinearOperator`` through TNs.
+
+    Operators constructed afterwards (by any code, e.g. laplace-torch) compute their
+    convolution statistics with the TN engine and accept ``Conv1d``/``Conv3d``.
+    """
+    for (cls, name), value in _PATCHES.items():
+        setattr(cls, name, value)
+
+
+def uninstall_curvlinops() -> None:
+    """Restore curvlinops' own KFAC/EKFAC hooks and supported layers."""
+    for (cls, name), value in _STOCK.items():
+        setattr(cls, name, value)
+
+
+def curvlinops_is_installed() -> bool:
+    """Whether :func:`install_curvlinops` is in effect."""
+    return curvlinops.KFACLinearOperator._SUPPORTED_MODULES is SUPPORTED_MODULES
