@@ -228,6 +228,39 @@ def _output_layers(dim: DimGeometry, positions: Tensor, num_kept: int) -> Tensor
     return table
 
 
+def _flat_index(tables: Sequence[Tensor], sizes: Sequence[int]) -> Tensor:
+    """Combine per-dimension gather tables into one index into the flattened grid.
+
+    Args:
+        tables: Per dimension ``t_d[a_d, b_d]`` with values in ``[0, sizes[d])``.
+        sizes: Size of each dimension of the (row-major) grid being indexed.
+
+    Returns:
+        ``idx[a_1, …, a_D, b_1, …, b_D] = Σ_d t_d[a_d, b_d] · stride_d``, flattened.
+    """
+    num_dims = len(tables)
+    strides = [math.prod(sizes[d + 1 :]) for d in range(num_dims)]
+    total = None
+    for d, (table, stride) in enumerate(zip(tables, strides)):
+        shape = [1] * (2 * num_dims)
+        shape[d], shape[num_dims + d] = table.shape
+        term = (table * stride).reshape(shape)
+        total = term if total is None else total + term
+    return total.flatten()
+
+
+def _grid_last(t: Tensor, num_dims: int) -> Tensor:
+    """``[N, G, c, *S]`` → ``[G, c, Π(S + 1), N]`` with a zero slot per spatial axis.
+
+    The batch axis goes last so that every gathered grid position is a contiguous
+    run of ``N`` values and the result is already the operand of a batched GEMM.
+    """
+    padded = F.pad(t, (0, 1) * num_dims)
+    order = (1, 2, *range(3, 3 + num_dims), 0)
+    n, g, c = t.shape[:3]
+    return padded.permute(order).reshape(g, c, -1, n)
+
+
 def _contract(
     x_sub: Tensor,
     v: Tensor,
@@ -237,14 +270,15 @@ def _contract(
 ) -> Tensor:
     """Weight VJP ``[G, d, c, *K]`` from the kept input rows, without the full input.
 
-    Two equivalent formulations of ``V · X[kept] · Π[kept]``; the cheaper is chosen:
+    Two equivalent formulations of ``V · X[kept] · Π[kept]`` (each ``Π`` applied as
+    a gather, which is what contracting a 0/1 pattern does); the cheaper is chosen:
 
-    * ``'gather_v'``: bring ``V`` onto the kept input grid, ``Ṽ[n,g,d,k⃗,j⃗] =
-      Σ_o⃗ V[n,g,d,o⃗] Π[kept, o⃗, k⃗]`` (a gather per dimension), then contract with
-      ``X[kept]`` over ``n, j⃗``: the work shrinks with the number of kept rows;
+    * ``'gather_v'``: bring ``V`` onto the kept input grid, ``Ṽ[g,d,k⃗,j⃗,n] =
+      Σ_o⃗ V[n,g,d,o⃗] Π[kept, o⃗, k⃗]``, then one batched GEMM with ``X[kept]`` over
+      ``(j⃗, n)``: the work shrinks with the number of kept rows;
     * ``'unfold_x'``: unfold the kept input onto the output grid (dropped rows read
-      zeros), ``X̃[n,g,c,o⃗,k⃗]``, then contract with ``V`` over ``n, o⃗``: cheaper when
-      few channels are kept but the output grid is small.
+      zeros), ``X̃[g,c,k⃗,o⃗,n]``, then one GEMM with ``V`` over ``(o⃗, n)``: cheaper
+      when few input channels are kept.
 
     Args:
         x_sub: Kept input ``[N, G, c, *J]``.
@@ -254,49 +288,58 @@ def _contract(
         method: Force ``'gather_v'`` or ``'unfold_x'`` (for tests); default: cheaper.
 
     Returns:
-        ``Σ`` over the kept terms, unscaled, ``[G, d, c, *K]``.
+        The sum over the kept terms, unscaled, ``[G, d, c, *K]``.
     """
     num_dims = len(geometry.dims)
     device = x_sub.device
+    kept_sizes = tuple(x_sub.shape[3:])
+    n, groups, c_sub = x_sub.shape[:3]
+    d_out = v.shape[2]
+    kernel = geometry.kernel_size
+    if x_sub.numel() == 0:  # every index of some axis was dropped
+        return x_sub.new_zeros(groups, d_out, c_sub, *kernel)
     positions = [_row_positions(d, r, device) for d, r in zip(geometry.dims, kept)]
-    kept_sizes = x_sub.shape[3:]
-    c_sub, d_out = x_sub.shape[2], v.shape[2]
-    kernel = math.prod(geometry.kernel_size)
     if method is None:
-        gather_cost = d_out * kernel * math.prod(kept_sizes)
-        unfold_cost = c_sub * kernel * math.prod(geometry.output_size)
+        gather_cost = d_out * math.prod(kept_sizes)
+        unfold_cost = c_sub * math.prod(geometry.output_size)
         method = "gather_v" if gather_cost <= unfold_cost else "unfold_x"
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    j_ax, k_ax, o_ax = letters[:num_dims], letters[3:6][:num_dims], letters[6:9]
-    o_ax = o_ax[:num_dims]
-    weight_axes = "GDC" + k_ax
     if method == "gather_v":
-        # one zero slot at the end of every output axis for padded/absent entries
-        gathered = F.pad(v, (0, 1) * num_dims)
-        for axis, (dim, pos, size) in enumerate(
-            zip(geometry.dims, positions, kept_sizes)
-        ):
-            table = _output_layers(dim, pos, size)
-            along = 3 + 2 * axis  # earlier axes are already split into (k, j)
-            parts = [gathered.index_select(along, t) for t in table]
-            gathered = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
-            pad_next = gathered.shape[:along] + (dim.kernel_size, size)
-            gathered = gathered.reshape(*pad_next, *gathered.shape[along + 1 :])
-        v_axes = "NGD" + "".join(k + j for k, j in zip(k_ax, j_ax))
-        equation = f"NGC{j_ax},{v_axes}->{weight_axes}"
-        return torch.einsum(equation, x_sub, gathered)
+        grid = _grid_last(v, num_dims)  # [G, d, Π(O + 1), N]
+        layers = [
+            _output_layers(d, pos, size).reshape(-1, d.kernel_size, size)
+            for d, pos, size in zip(geometry.dims, positions, kept_sizes)
+        ]
+        padded_out = [o + 1 for o in geometry.output_size]
+        gathered = None
+        # several layers only for non-zero padding modes (rows read via the padding)
+        for combo in _layer_combinations([len(t) for t in layers]):
+            tables = [t[r] for t, r in zip(layers, combo)]
+            part = grid.index_select(2, _flat_index(tables, padded_out))
+            gathered = part if gathered is None else gathered + part
+        # [G, d·ΠK, ΠJ·N] @ [G, ΠJ·N, c] → [G, d, ΠK, c]
+        x_t = x_sub.permute(1, *range(3, 3 + num_dims), 0, 2).reshape(groups, -1, c_sub)
+        out = torch.bmm(gathered.reshape(groups, d_out * math.prod(kernel), -1), x_t)
+        out = out.reshape(groups, d_out, *kernel, c_sub)
+        return out.permute(0, 1, 2 + num_dims, *range(2, 2 + num_dims))
     if method == "unfold_x":
-        unfolded = F.pad(x_sub, (0, 1) * num_dims)
-        for axis, (dim, pos) in enumerate(zip(geometry.dims, positions)):
-            along = 3 + 2 * axis
-            unfolded = unfolded.index_select(along, pos.flatten())
-            shape = unfolded.shape[:along] + (dim.output_size, dim.kernel_size)
-            unfolded = unfolded.reshape(*shape, *unfolded.shape[along + 1 :])
-        x_axes = "NGC" + "".join(o + k for o, k in zip(o_ax, k_ax))
-        equation = f"NGD{o_ax},{x_axes}->{weight_axes}"
-        return torch.einsum(equation, v, unfolded)
+        grid = _grid_last(x_sub, num_dims)  # [G, c, Π(J + 1), N]
+        tables = [pos.t() for pos in positions]  # [K, O] into J + 1 slots
+        padded_in = [j + 1 for j in kept_sizes]
+        unfolded = grid.index_select(2, _flat_index(tables, padded_in))
+        # [G, d, ΠO·N] @ [G, ΠO·N, c·ΠK] → [G, d, c, ΠK]
+        v_t = v.permute(1, 2, *range(3, 3 + num_dims), 0).reshape(groups, d_out, -1)
+        unfolded = unfolded.reshape(groups, c_sub * math.prod(kernel), -1)
+        out = torch.bmm(v_t, unfolded.transpose(1, 2))
+        return out.reshape(groups, d_out, c_sub, *kernel)
     raise ValueError(f"method must be 'gather_v' or 'unfold_x', got {method!r}.")
+
+
+def _layer_combinations(counts: Sequence[int]):
+    """All index tuples ``(r_1, …, r_D)`` with ``0 ≤ r_d < counts[d]``."""
+    combos = [()]
+    for count in counts:
+        combos = [c + (r,) for c in combos for r in range(count)]
+    return combos
 
 
 def sampled_weight_vjp(

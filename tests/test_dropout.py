@@ -300,6 +300,20 @@ def test_bad_arguments(kwargs, match):
     assert type(model[0]) is nn.Conv2d  # nothing converted
 
 
+def test_every_index_dropped_gives_zero_weight_gradient():
+    """With a tiny keep probability on a short axis nothing is kept (unbiasedness
+    allows it); the weight gradient is then zero and the rest still exact."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d(2, 3, 3, padding=1).double()
+    x = torch.randn(2, 2, 3, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    out, grads, kept, grad_out = _run_dropout(None, x, conv, 1e-6, "i1", gen)
+    assert kept[0].numel() == 0
+    _, ref = _autograd(conv, x, grad_out)
+    assert torch.equal(grads[1], torch.zeros_like(grads[1]))
+    assert torch.allclose(grads[0], ref[0]) and torch.allclose(grads[2], ref[2])
+
+
 def test_keep_prob_forms():
     assert tnd.resolve_keep_probs(0.5, "spatial", 3) == {
         "i1": 0.5,

@@ -1,0 +1,41 @@
+"""The examples run (in their ``--quick`` form) and write what they promise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _run(script, *args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    ).stdout
+
+
+def test_tensor_dropout_example(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = _run("tensor_dropout.py", "--quick", "--out", str(tmp_path), cwd=tmp_path)
+    table = (tmp_path / "tensor_dropout.md").read_text()
+    assert (tmp_path / "tensor_dropout.png").stat().st_size > 0
+    assert table.count("| spatial |") == 4 and table.count("| channel |") == 4
+    assert "spatial sampling" in out
+
+
+def test_train_digits_example(tmp_path):
+    pytest.importorskip("sklearn")
+    out = _run("train_digits_dropout.py", "--quick", cwd=tmp_path)
+    assert "| exact |" in out and "| spatial p=0.5 |" in out
+    assert "| channel p=0.5 |" in out
