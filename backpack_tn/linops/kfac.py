@@ -29,10 +29,11 @@ TN statistics and the extra layers too.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import curvlinops
 import torch
+import torch.nn.functional as F
 from curvlinops.ekfac import EKFACLinearOperator as _CurvEKFAC
 from curvlinops.kfac import FisherType, KFACType
 from curvlinops.kfac import KFACLinearOperator as _CurvKFAC
@@ -209,22 +210,88 @@ class KFACLinearOperator(_CurvKFAC):
         )
 
 
-def _rotated_square_sum(
-    per_example: Tensor, q_out: Tensor, q_in: Optional[Tensor]
-) -> Tensor:
-    """``Σ_n (Q_outᵀ G_n Q_in)²`` (``Σ_n (Q_outᵀ g_n)²`` without ``Q_in``)."""
-    rotated = torch.einsum("nij,ia->naj", per_example, q_out)
-    if q_in is not None:
-        rotated = rotated @ q_in
-    return rotated.square_().sum(0)
-
-
 def _chunks(batch_size: int, bytes_per_example: int):
     """Batch slices whose per-example gradients fit the engine's memory budget."""
     budget = get_memory_budget()
     size = batch_size if budget is None else max(1, budget // (3 * bytes_per_example))
     for start in range(0, batch_size, size):
         yield slice(start, min(start + size, batch_size))
+
+
+def _project_input(module: Module, x: Tensor, q: Tensor, with_bias: bool) -> Tensor:
+    """Unfolded input patches projected onto an eigenbasis: ``u_{n,o}ᵀ Q`` ``[N,D,O]``.
+
+    A convolution of ``x`` (groups averaged) whose kernels are the columns of ``Q``
+    (the bias row of ``Q`` for a joint bias becomes the convolution's bias), so the
+    unfolded input itself is never formed.
+    """
+    rows = q.shape[0] - 1 if with_bias else q.shape[0]  # rows ordered (c, k…)
+    kernel = q[:rows].T.reshape(q.shape[1], x.shape[1], *module.kernel_size)
+    bias = q[-1] if with_bias else None
+    hyper = _conv_hyperparameters(module)
+    if module.padding_mode == "zeros":  # torch's kernels take every zero padding
+        convolve = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
+        out = convolve(x, kernel, bias, module.stride, module.padding, module.dilation)
+    else:
+        out = tnf.conv(x, kernel, bias, **hyper)
+    return out.flatten(2)
+
+
+def _conv_corrected_eigenvalues(
+    op: _CurvEKFAC, grad_output: Tensor, module: Module, module_name: str
+) -> None:
+    """EKFAC's ``Σ_n (Q_outᵀ G_n Q_in)²`` for a convolution, cheapest order first.
+
+    With ``S`` output positions, ``D_out``/``D_in`` the factor sizes: the output
+    gradients are rotated before the per-example contraction when ``S < D_in``
+    (``N·S·D_out²`` instead of ``N·D_out²·D_in``); the inputs are projected by a
+    convolution when ``S < D_out`` (``N·S·D_in²`` instead of ``N·D_out·D_in²``),
+    otherwise per-example gradients come from the TN weight VJP and are rotated.
+    """
+    g = grad_output.data.detach()
+    batch_size = g.shape[0]
+    scale = _gradient_scale(op, batch_size)
+    q_in = op._input_covariances_eigenvectors.get(module_name)
+    q_out = op._gradient_covariances_eigenvectors[module_name]
+    g_rot = torch.einsum("nds,da->nas", g.flatten(2), q_out)  # [N, D_out, S]
+    positions = g_rot.shape[2]
+
+    def corrections(with_weight: bool, with_bias: bool) -> Tensor:
+        if not with_weight:
+            return g_rot.sum(2).square_().sum(0)
+        x_bar = _group_average(op._cached_activations[module_name], module.groups)
+        d_out, d_in = q_out.shape[0], q_in.shape[0]
+        result = None
+        for rows in _chunks(batch_size, d_out * d_in * g.element_size()):
+            if positions < d_out:
+                x_rot = _project_input(module, x_bar[rows], q_in, with_bias)
+                rotated = g_rot[rows] @ x_rot.transpose(1, 2)
+            else:
+                per_example = tnf.weight_vjp(
+                    x_bar[rows],
+                    g_rot[rows].reshape(g[rows].shape),
+                    module.kernel_size,
+                    per_sample=True,
+                    **_conv_hyperparameters(module),
+                ).flatten(2)
+                if with_bias:
+                    bias_grad = g_rot[rows].sum(2, keepdim=True)
+                    per_example = torch.cat([per_example, bias_grad], dim=-1)
+                rotated = per_example @ q_in
+            part = rotated.square_().sum(0)
+            result = part if result is None else result.add_(part)
+        return result
+
+    if _joint_bias(op, module_name):
+        value = corrections(True, True).mul_(scale)
+        op._corrected_eigenvalues = op._set_or_add_(
+            op._corrected_eigenvalues, module_name, value
+        )
+        return
+    per_param: Dict[int, Tensor] = op._corrected_eigenvalues.setdefault(module_name, {})
+    for name, pos in op._mapping[module_name].items():
+        value = corrections(name == "weight", False).mul_(scale)
+        op._set_or_add_(per_param, pos, value)
 
 
 class EKFACLinearOperator(_CurvEKFAC, KFACLinearOperator):
@@ -253,50 +320,6 @@ class EKFACLinearOperator(_CurvEKFAC, KFACLinearOperator):
             stock = _STOCK[(_CurvEKFAC, "_accumulate_corrected_eigenvalues")]
             return stock(self, grad_output, module, module_name)
         _conv_corrected_eigenvalues(self, grad_output, module, module_name)
-
-
-def _conv_corrected_eigenvalues(
-    op: _CurvEKFAC, grad_output: Tensor, module: Module, module_name: str
-) -> None:
-    g = grad_output.data.detach()
-    batch_size = g.shape[0]
-    scale = _gradient_scale(op, batch_size)
-    params = op._mapping[module_name]
-    q_in = op._input_covariances_eigenvectors.get(module_name)
-    q_out = op._gradient_covariances_eigenvectors[module_name]
-    x = op._cached_activations.get(module_name)
-    g_sum = g.flatten(2).sum(-1)  # the bias gradient of every example
-
-    def corrections(with_weight: bool, with_bias: bool) -> Tensor:
-        if not with_weight:
-            return _rotated_square_sum(g_sum.unsqueeze(-1), q_out, None).squeeze(-1)
-        # curvlinops' patches average the groups: a groups=1 convolution on x̄.
-        x_bar = _group_average(x, module.groups)
-        hyper = _conv_hyperparameters(module)
-        dim_in = q_in.shape[0]
-        result = None
-        for rows in _chunks(batch_size, g.shape[1] * dim_in * g.element_size()):
-            per_example = tnf.weight_vjp(
-                x_bar[rows], g[rows], module.kernel_size, per_sample=True, **hyper
-            ).flatten(2)
-            if with_bias:
-                per_example = torch.cat(
-                    [per_example, g_sum[rows].unsqueeze(-1)], dim=-1
-                )
-            part = _rotated_square_sum(per_example, q_out, q_in)
-            result = part if result is None else result.add_(part)
-        return result
-
-    if _joint_bias(op, module_name):
-        value = corrections(True, True).mul_(scale)
-        op._corrected_eigenvalues = op._set_or_add_(
-            op._corrected_eigenvalues, module_name, value
-        )
-        return
-    per_param: Dict[int, Tensor] = op._corrected_eigenvalues.setdefault(module_name, {})
-    for name, pos in params.items():
-        value = corrections(name == "weight", False).mul_(scale)
-        op._set_or_add_(per_param, pos, value)
 
 
 _PATCHES = {
