@@ -488,8 +488,9 @@ def test_backpack_kfac_exact_on_converted_model():
 
 
 def test_curvlinops_exact_on_converted_model():
-    """curvlinops' KFAC uses hooks on module inputs and output gradients (exact);
-    operators that differentiate through the model run exactly inside disabled()."""
+    """curvlinops' KFAC and backpack_tn.linops' operators use module inputs and
+    output gradients (exact); operators that differentiate through the model run
+    exactly inside disabled()."""
     from curvlinops import GGNLinearOperator, KFACLinearOperator
 
     torch.manual_seed(0)
@@ -500,15 +501,22 @@ def test_curvlinops_exact_on_converted_model():
     loss = nn.CrossEntropyLoss()
 
     def matrices(m):
+        from backpack_tn import linops
+
         params = [p for p in m.parameters() if p.requires_grad]
-        kfac = KFACLinearOperator(m, loss, params, [(x, y)], check_deterministic=False)
+        data = [(x, y)]
+        eye = torch.eye(sum(p.numel() for p in params), dtype=torch.float64)
+        kw = dict(check_deterministic=False)
+        ops = [
+            KFACLinearOperator(m, loss, params, data, **kw),
+            linops.KFACLinearOperator(m, loss, params, data, **kw),
+            linops.DiagGGNLinearOperator(m, loss, params, data, **kw),
+        ]
+        dense = [op @ eye for op in ops]
         with tnd.disabled():
-            ggn = GGNLinearOperator(
-                m, loss, params, [(x, y)], check_deterministic=False
-            )
-            eye = torch.eye(ggn.shape[1], dtype=torch.float64)
-            dense_ggn = ggn @ eye
-        return kfac @ torch.eye(kfac.shape[1], dtype=torch.float64), dense_ggn
+            ggn = GGNLinearOperator(m, loss, params, data, **kw)
+            dense.append(ggn @ eye)
+        return dense
 
     ref = matrices(model)
     got = matrices(tnd.convert(model, keep_prob=0.5))
