@@ -39,3 +39,9 @@ def test_train_digits_example(tmp_path):
     out = _run("train_digits_dropout.py", "--quick", cwd=tmp_path)
     assert "| exact |" in out and "| spatial p=0.5 |" in out
     assert "| channel p=0.5 |" in out
+
+
+def test_backpack_quickstart_example(tmp_path):
+    out = _run("backpack_quickstart.py", "--quick", cwd=tmp_path)
+    assert "OK: all fields equal stock BackPACK's" in out
+    assert "| diag_ggn_exact |" in out and "| kfac |" in out
