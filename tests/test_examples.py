@@ -45,3 +45,9 @@ def test_backpack_quickstart_example(tmp_path):
     out = _run("backpack_quickstart.py", "--quick", cwd=tmp_path)
     assert "OK: all fields equal stock BackPACK's" in out
     assert "| diag_ggn_exact |" in out and "| kfac |" in out
+
+
+def test_curvlinops_kfac_example(tmp_path):
+    out = _run("curvlinops_kfac.py", "--quick", cwd=tmp_path)
+    assert out.count("stock curvlinops.KFACLinearOperator refuses") == 2
+    assert "OK: TN operators match the references" in out
