@@ -202,7 +202,7 @@ def networks(
             ``'batch_l2'``, ``'sum_grad_squared'``.
         geometry: The convolution's geometry.
         simplify: Apply the simplifications of DESIGN §2.3.
-        **options: Operation options (``per_sample``, ``approx``).
+        **options (bool | str): Operation options (``per_sample``, ``approx``).
 
     Returns:
         Equivalent tensor networks computing the operation.
