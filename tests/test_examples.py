@@ -51,3 +51,9 @@ def test_curvlinops_kfac_example(tmp_path):
     out = _run("curvlinops_kfac.py", "--quick", cwd=tmp_path)
     assert out.count("stock curvlinops.KFACLinearOperator refuses") == 2
     assert "OK: TN operators match the references" in out
+
+
+def test_backpack_to_curvlinops_example(tmp_path):
+    out = _run("backpack_to_curvlinops.py", "--quick", cwd=tmp_path)
+    assert "KFAC Lanczos vs exact" in out and "preconditioner KFAC" in out
+    assert "OK: all checks pass" in out
