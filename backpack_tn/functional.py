@@ -16,10 +16,12 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence, Tuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from backpack_tn.tn.conv import networks
-from backpack_tn.tn.evaluate import evaluate
+from backpack_tn.tn.evaluate import evaluate, native_allowed
 from backpack_tn.tn.geometry import ConvGeometry, IntOrTuple, Padding, make_geometry
 
 __all__ = [
@@ -93,6 +95,28 @@ def _group_input(x: Tensor, groups: int) -> Tensor:
     return x.reshape(n, groups, c // groups, *x.shape[2:])
 
 
+def _native(geometry: ConvGeometry, simplify: bool) -> Optional[dict]:
+    """Torch kernel arguments if torch's own convolution computes the same thing.
+
+    That is zero padding, equal on both sides, 1–3 spatial dims, the simplified
+    engine and no forced strategy (see :func:`backpack_tn.tn.evaluate.set_native`).
+    """
+    dims = geometry.dims
+    if not (simplify and native_allowed() and 1 <= len(dims) <= 3):
+        return None
+    if any(d.padding_mode != "zeros" or d.pad_left != d.pad_right for d in dims):
+        return None
+    return dict(
+        stride=tuple(d.stride for d in dims),
+        padding=tuple(d.pad_left for d in dims),
+        dilation=tuple(d.dilation for d in dims),
+        groups=geometry.groups,
+    )
+
+
+_TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
 def _run(op: str, geometry: ConvGeometry, simplify: bool, tensors: dict, **options):
     return evaluate(networks(op, geometry, simplify, **options), tensors)
 
@@ -142,6 +166,9 @@ def conv(
             f"weight.shape[1] * groups ({weight.shape[1]} * {groups}) must equal the "
             f"input channels ({x.shape[1]})."
         )
+    native = _native(geometry, simplify)
+    if native is not None:
+        return _TORCH_CONV[num_dims](x, weight, bias, **native)
     tensors = {
         "x": _group_input(x, groups),
         "w": weight.reshape(groups, c_out // groups, *weight.shape[1:]),
@@ -230,6 +257,10 @@ def input_vjp(
         input_shape, weight.shape[2:], stride, padding, dilation, groups, padding_mode
     )
     _check_output(grad_output, "grad_output", geometry, 1)
+    native = _native(geometry, simplify)
+    if native is not None:
+        grad = getattr(torch.nn.grad, f"conv{len(input_shape) - 2}d_input")
+        return grad(input_shape, weight, grad_output, *native.values())
     c_out = weight.shape[0]
     tensors = {
         "v": _group_input(grad_output, groups),
@@ -314,6 +345,10 @@ def weight_vjp(
         groups,
         padding_mode,
     )
+    native = None if per_sample else _native(geometry, simplify)
+    if native is not None:
+        grad = getattr(torch.nn.grad, f"conv{x.dim() - 2}d_weight")
+        return grad(x, weight_shape, grad_output, *native.values())
     out = _run("weight_vjp", geometry, simplify, tensors, per_sample=per_sample)
     return out.reshape((x.shape[0],) * per_sample + weight_shape)
 

@@ -396,3 +396,37 @@ def test_bfloat16(case: Case):
     torch.testing.assert_close(
         grad.double(), gw, rtol=0.05, atol=0.05 * gw.abs().max().item()
     )
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_native_dispatch_only_where_torch_computes_the_same(padding_mode, monkeypatch):
+    """Plain zero-padded conv/VJPs run torch's kernels; everything else stays a TN."""
+    import backpack_tn.functional as tnf_module
+    from backpack_tn.tn.evaluate import set_native
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    v = torch.randn(2, 6, 5, 4, dtype=torch.float64)
+    hyper = dict(stride=2, padding=1, groups=2, padding_mode=padding_mode)
+
+    def compute():
+        return (
+            tnf.conv(x, w, **hyper),
+            tnf.input_vjp(v, w, x.shape, **hyper),
+            tnf.weight_vjp(x, v, (3, 3), **hyper),
+        )
+
+    set_native(False)
+    try:
+        tn_results = compute()
+    finally:
+        set_native(True)
+    calls = []
+    real_conv = tnf_module._TORCH_CONV[2]
+    monkeypatch.setitem(
+        tnf_module._TORCH_CONV, 2, lambda *a, **k: calls.append(1) or real_conv(*a, **k)
+    )
+    for native, tn in zip(compute(), tn_results):
+        torch.testing.assert_close(native, tn, rtol=1e-10, atol=1e-12)
+    assert len(calls) == (1 if padding_mode == "zeros" else 0)

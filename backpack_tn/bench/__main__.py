@@ -8,9 +8,11 @@ import sys
 
 import torch
 
+from backpack_tn.bench import report
 from backpack_tn.bench.baselines import OPERATIONS
 from backpack_tn.bench.layers import ENGINE_LAYERS
 from backpack_tn.bench.run import markdown_table, run_layers, save_json
+from backpack_tn.bench.zoo import ZOO, zoo_layers
 
 
 def main(argv=None) -> int:
@@ -28,7 +30,22 @@ def main(argv=None) -> int:
         description="Compare backpack_tn's TN contractions with the unfold-based "
         "computations of BackPACK/curvlinops and with einconv, per layer of real CNNs.",
     )
-    parser.add_argument("--layers", nargs="+", choices=names, default=names)
+    parser.add_argument(
+        "--layers",
+        nargs="+",
+        choices=names,
+        help="representative layers (default: all, unless --models is given)",
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(ZOO),
+        help="benchmark every distinct Conv2d of these CNNs (torchvision definitions "
+        "with weights=None, DeepOBS problems defined here)",
+    )
+    parser.add_argument(
+        "--max-layers", type=int, help="only the first N layers (quick runs)"
+    )
     parser.add_argument("--ops", nargs="+", choices=OPERATIONS, default=OPERATIONS)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
@@ -41,11 +58,21 @@ def main(argv=None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip memory")
     parser.add_argument("--no-plain", action="store_true", help="skip simplify=False")
     parser.add_argument("--json", help="write the measurements to this JSON file")
+    parser.add_argument(
+        "--plot", help="write PREFIX_speedup.png and PREFIX_memory.png (matplotlib)"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    layers = [layer for layer in ENGINE_LAYERS if layer.name in args.layers]
+    layers = []
+    if args.layers or not args.models:
+        wanted = args.layers or names
+        layers = [layer for layer in ENGINE_LAYERS if layer.name in wanted]
+    if args.models:
+        layers += zoo_layers(args.models)
+    if args.max_layers:
+        layers = layers[: args.max_layers]
     results = run_layers(
         layers,
         args.ops,
@@ -70,6 +97,11 @@ def main(argv=None) -> int:
     }
     print(f"<!-- {meta} -->")
     print(markdown_table(results))
+    rows = report.comparisons([r.__dict__ for r in results])
+    print()
+    print(report.summary(rows))
+    if args.plot:
+        report.plot(rows, args.plot)
     if args.json:
         save_json(results, args.json, meta)
     tolerance = 1e-4 if args.dtype == "float32" else 1e-10

@@ -10,6 +10,8 @@ Every implementation takes a :class:`Problem` and returns the quantity in the la
 * ``backpack``: BackPACK's per-sample weight Jacobian (grouped-convolution trick).
 * ``curvlinops``: curvlinops' patch extractors (2d only).
 * ``einconv``: the paper's reference TN implementation (``einconv`` 0.1.0).
+* ``torch``: PyTorch's own convolution kernels (forward, and the input/weight VJPs
+  autograd runs), the baseline for the operations BackPACK does not replace.
 """
 
 from __future__ import annotations
@@ -128,6 +130,77 @@ def _is_2d(p: Problem) -> bool:
     return p.x.dim() == 4
 
 
+def _numeric_zero_padding(p: Problem) -> bool:
+    return p.module.padding_mode == "zeros" and not isinstance(p.module.padding, str)
+
+
+def _torch_grad(kind: str):
+    """``torch.nn.grad.conv{N}d_{kind}``: what autograd runs for a convolution."""
+
+    def run(p: Problem) -> Tensor:
+        m = p.module
+        fn = getattr(torch.nn.grad, f"conv{p.x.dim() - 2}d_{kind}")
+        args = (m.stride, m.padding, m.dilation, m.groups)
+        if kind == "input":
+            return fn(p.x.shape, m.weight.detach(), p.grad_output, *args)
+        return fn(p.x, m.weight.shape, p.grad_output, *args)
+
+    return run
+
+
+def _torch_forward(p: Problem) -> Tensor:
+    return p.module._conv_forward(p.x, p.module.weight.detach(), None)
+
+
+def _einconv(kind: str):
+    def run(p: Problem) -> Tensor:
+        m = p.module
+        w = m.weight.detach()
+        if kind == "forward":
+            from einconv.expressions.convNd_forward import einsum_expression
+
+            eq, ops, shape = einsum_expression(
+                p.x, w, m.stride, m.padding, m.dilation, m.groups
+            )
+        elif kind == "input_vjp":
+            from einconv.expressions.convNd_input_vjp import einsum_expression
+
+            eq, ops, shape = einsum_expression(
+                w,
+                p.grad_output,
+                p.x.shape[2:],
+                m.stride,
+                m.padding,
+                m.dilation,
+                m.groups,
+            )
+        else:
+            from einconv.expressions.convNd_weight_vjp import einsum_expression
+
+            eq, ops, shape = einsum_expression(
+                p.x,
+                p.grad_output,
+                m.kernel_size,
+                m.dilation,
+                m.padding,
+                m.stride,
+                m.groups,
+            )
+        return einsum(eq, *ops).reshape(shape)
+
+    return run
+
+
+def _unfold_batch_l2(p: Problem) -> Tensor:
+    return _unfold_per_sample(p).flatten(1).square().sum(1)
+
+
+def _backpack_diag_ggn_per_sample(p: Problem) -> Tensor:
+    return extract_weight_diagonal(
+        p.module, unfold_input(p.module, p.x), p.S, sum_batch=False
+    )
+
+
 STOCK: Dict[str, Dict[str, Implementation]] = {
     "kfac_expand": {
         "unfold": Implementation(lambda p: _unfold_kfac(p, False)),
@@ -148,6 +221,24 @@ STOCK: Dict[str, Dict[str, Implementation]] = {
         "backpack": Implementation(_backpack_per_sample),
     },
     "diag_ggn": {"backpack": Implementation(_backpack_diag_ggn)},
+    "diag_ggn_per_sample": {"backpack": Implementation(_backpack_diag_ggn_per_sample)},
+    "batch_l2": {"unfold": Implementation(_unfold_batch_l2)},
+    "forward": {
+        "torch": Implementation(_torch_forward),
+        "einconv": Implementation(_einconv("forward"), available=_numeric_zero_padding),
+    },
+    "input_vjp": {
+        "torch": Implementation(_torch_grad("input"), available=_numeric_zero_padding),
+        "einconv": Implementation(
+            _einconv("input_vjp"), available=_numeric_zero_padding
+        ),
+    },
+    "weight_vjp": {
+        "torch": Implementation(_torch_grad("weight"), available=_numeric_zero_padding),
+        "einconv": Implementation(
+            _einconv("weight_vjp"), available=_numeric_zero_padding
+        ),
+    },
 }
 
 
@@ -160,7 +251,7 @@ def tn_implementation(
     """The ``backpack_tn`` implementation of an operation.
 
     Args:
-        op: ``'kfac_expand'``, ``'kfac_reduce'``, ``'per_sample_grad'``, ``'diag_ggn'``.
+        op: One of :data:`OPERATIONS`.
         simplify: Use the simplified networks.
         groups_mode: Channel-group convention for KFAC factors.
         strategy: Force the ``'pattern'`` or ``'window'`` strategy (default: the
@@ -190,8 +281,31 @@ def tn_implementation(
             return tnf.weight_vjp(
                 p.x, p.grad_output, k, per_sample=True, simplify=simplify, **p.hyper
             )
-        if op == "diag_ggn":
-            return tnf.diag_ggn_weight(p.x, p.S, k, simplify=simplify, **p.hyper)
+        if op in ("diag_ggn", "diag_ggn_per_sample"):
+            return tnf.diag_ggn_weight(
+                p.x,
+                p.S,
+                k,
+                per_sample=op == "diag_ggn_per_sample",
+                simplify=simplify,
+                **p.hyper,
+            )
+        if op == "batch_l2":
+            return tnf.batch_l2_weight(
+                p.x, p.grad_output, k, simplify=simplify, **p.hyper
+            )
+        if op == "forward":
+            return tnf.conv(p.x, p.module.weight.detach(), simplify=simplify, **p.hyper)
+        if op == "input_vjp":
+            return tnf.input_vjp(
+                p.grad_output,
+                p.module.weight.detach(),
+                p.x.shape,
+                simplify=simplify,
+                **p.hyper,
+            )
+        if op == "weight_vjp":
+            return tnf.weight_vjp(p.x, p.grad_output, k, simplify=simplify, **p.hyper)
         raise ValueError(f"Unknown operation {op!r}.")
 
     return run

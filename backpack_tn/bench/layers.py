@@ -7,7 +7,7 @@ torchvision) is needed to benchmark it; the source network is named for referenc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 from torch import nn
@@ -24,11 +24,16 @@ class Layer:
     in_channels: int
     out_channels: int
     input_size: Tuple[int, ...]
-    kernel_size: int
-    stride: int = 1
-    padding: int = 0
-    dilation: int = 1
+    kernel_size: Union[int, Tuple[int, ...]]
+    stride: Union[int, Tuple[int, ...]] = 1
+    padding: Union[int, str, Tuple[int, ...]] = 0
+    dilation: Union[int, Tuple[int, ...]] = 1
     groups: int = 1
+
+    def _per_dim(self, value) -> Tuple[int, ...]:
+        if isinstance(value, int):
+            return (value,) * len(self.input_size)
+        return tuple(value)
 
     @property
     def hyper(self) -> dict:
@@ -43,10 +48,47 @@ class Layer:
     @property
     def output_size(self) -> Tuple[int, ...]:
         """Spatial output size."""
-        span = self.dilation * (self.kernel_size - 1) + 1
+        if self.padding == "same":
+            return tuple(self.input_size)
+        padding = 0 if self.padding == "valid" else self.padding
         return tuple(
-            (i + 2 * self.padding - span) // self.stride + 1 for i in self.input_size
+            (i + 2 * p - d * (k - 1) - 1) // s + 1
+            for i, k, s, p, d in zip(
+                self.input_size,
+                self._per_dim(self.kernel_size),
+                self._per_dim(self.stride),
+                self._per_dim(padding),
+                self._per_dim(self.dilation),
+            )
         )
+
+    @property
+    def category(self) -> str:
+        """The paper's layer category: general, dense, mixed-dense or down-sampling.
+
+        Per dimension a kernel is *dense* if it tiles the input without overlap or gap
+        (``K = S``, no padding or dilation; 1×1 stride 1 included), *down-sampling* if
+        it is a single tap skipping positions (``K = 1 < S``), else *general*.
+        """
+        padding = 0 if self.padding in ("same", "valid") else self.padding
+        kinds = set()
+        for k, s, p, d in zip(
+            self._per_dim(self.kernel_size),
+            self._per_dim(self.stride),
+            self._per_dim(padding),
+            self._per_dim(self.dilation),
+        ):
+            if k == 1 and s > 1:
+                kinds.add("down-sampling")
+            elif k == s and p == 0 and (d == 1 or k == 1) and self.padding != "same":
+                kinds.add("dense")
+            else:
+                kinds.add("general")
+        if kinds == {"general"}:
+            return "general"
+        if "general" in kinds:
+            return "mixed-dense"
+        return "down-sampling" if "down-sampling" in kinds else "dense"
 
     def module(self, dtype=torch.float32, device="cpu") -> nn.Module:
         """The ``nn.ConvNd`` with these hyper-parameters (random weights)."""
@@ -60,11 +102,17 @@ class Layer:
 
     def describe(self) -> str:
         """Short description, e.g. ``3x3 s2 p1 64→128 @56x56``."""
+
+        def fmt(value) -> str:
+            dims = self._per_dim(value) if not isinstance(value, str) else (value,)
+            return "x".join(map(str, dims)) if len(set(dims)) > 1 else str(dims[0])
+
         size = "x".join(map(str, self.input_size))
-        k = "x".join([str(self.kernel_size)] * len(self.input_size))
+        k = "x".join(map(str, self._per_dim(self.kernel_size)))
         groups = f" g{self.groups}" if self.groups > 1 else ""
+        dilation = f" d{fmt(self.dilation)}" if fmt(self.dilation) != "1" else ""
         return (
-            f"{k} s{self.stride} p{self.padding}{groups} "
+            f"{k} s{fmt(self.stride)} p{fmt(self.padding)}{dilation}{groups} "
             f"{self.in_channels}→{self.out_channels} @{size}"
         )
 

@@ -31,6 +31,7 @@ class Measurement:
     time_s: float
     memory_bytes: Optional[int]
     rel_error: Optional[float]
+    category: str = "general"
 
 
 def implementations(op: str, problem, with_plain: bool = True):
@@ -93,7 +94,14 @@ def run_layers(
                 seconds = median_time(partial(fn, problem), device, repeats)
                 results.append(
                     Measurement(
-                        layer.name, layer.describe(), op, name, seconds, None, error
+                        layer.name,
+                        layer.describe(),
+                        op,
+                        name,
+                        seconds,
+                        None,
+                        error,
+                        layer.category,
                     )
                 )
                 calls.append((layer, op, name))

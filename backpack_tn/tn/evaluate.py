@@ -64,7 +64,27 @@ _SETTINGS: Dict[str, object] = {
     "forced": None,  # a strategy pinned by force_strategy
     "autotune": True,
     "autotune_min_flops": 5e7,  # below: the cost model decides
+    "native": True,  # forward/input VJP/weight VJP may run torch's own kernels
 }
+
+
+def set_native(enabled: bool) -> None:
+    """Allow (default) or forbid torch's convolution kernels for plain convolutions.
+
+    The forward pass and the summed input/weight VJPs of a zero-padded convolution are
+    what torch's (cuDNN/oneDNN) kernels compute; they beat any generic contraction,
+    so ``backpack_tn.functional`` dispatches to them there. Everything else (padding
+    modes, uneven ``'same'``, per-sample and second-order quantities) is a TN.
+
+    Args:
+        enabled: Whether the dispatch is allowed.
+    """
+    _SETTINGS["native"] = bool(enabled)
+
+
+def native_allowed() -> bool:
+    """Whether torch's kernels may be used (allowed and no strategy is forced)."""
+    return bool(_SETTINGS["native"]) and _SETTINGS["forced"] is None
 
 
 def set_memory_budget(num_bytes: Optional[int]) -> None:
