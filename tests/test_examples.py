@@ -57,3 +57,13 @@ def test_backpack_to_curvlinops_example(tmp_path):
     out = _run("backpack_to_curvlinops.py", "--quick", cwd=tmp_path)
     assert "KFAC Lanczos vs exact" in out and "preconditioner KFAC" in out
     assert "OK: all checks pass" in out
+
+
+def test_kfac_training_example(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    out = _run("kfac_training.py", "--quick", "--out", str(tmp_path), cwd=tmp_path)
+    assert (tmp_path / "kfac_training.png").stat().st_size > 0
+    for row in ("| SGD |", "| Adam |", "| KFAC |", "| KFAC, stock BackPACK |"):
+        assert row in out
+    assert "for the first 4 of 4 steps" in out
