@@ -67,3 +67,13 @@ def test_kfac_training_example(tmp_path):
     for row in ("| SGD |", "| Adam |", "| KFAC |", "| KFAC, stock BackPACK |"):
         assert row in out
     assert "for the first 4 of 4 steps" in out
+
+
+def test_laplace_example(tmp_path):
+    # laplace-torch is the optional extra `laplace`, not a test dependency
+    pytest.importorskip("laplace")
+    pytest.importorskip("sklearn")
+    out = _run("laplace_with_backpack_tn.py", "--quick", cwd=tmp_path)
+    assert "OK: stock and TN posteriors agree" in out
+    assert out.count("| Conv1d model | kron | Curvlinops") == 2
+    assert out.count(" refused |") == 2
