@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from backpack_tn.tn.network import DimPlan, Operand, TensorNetwork
@@ -133,6 +134,9 @@ def im2col(
     dims = window_dims(plans)
     lead = x.dim() - len(plans)
     x = _prepare(x, dims, lead)
+    fast = _torch_unfold(x, dims, op, layout, lead)
+    if fast is not None:
+        return fast
     by_position = {d.position: d for d in dims}
     axis_of: Dict[int, int] = {}  # spatial dim -> canonical index of its first axis
     shape: List[int] = list(x.shape[:lead])
@@ -164,6 +168,46 @@ def im2col(
                 src[lead + p] = r.in_slice()
             canon[tuple(dst)].copy_(x[tuple(src)])
     return buffer
+
+
+def _torch_unfold(
+    x: Tensor, dims: Tuple[WindowDim, ...], op: Operand, layout, lead: int
+) -> Optional[Tensor]:
+    """``F.unfold`` (torch's im2col kernel) where it yields exactly the wanted buffer.
+
+    That is 1 or 2 spatial dims, all applied as zero-padded windows whose padding
+    ``F.unfold`` reproduces, and the layout ``lead…, k…, o…`` (its output order).
+    Returns ``None`` otherwise.
+    """
+    num = x.dim() - lead
+    if len(dims) != num or num not in (1, 2) or lead < 1:
+        return None
+    if any(d.gather is not None for d in dims):
+        return None
+    k_axes = tuple(op.axes[lead + 2 * i + 1] for i in range(num))
+    o_axes = tuple(op.axes[lead + 2 * i] for i in range(num))
+    if tuple(layout) != tuple(op.axes[:lead]) + k_axes + o_axes:
+        return None
+    for d in dims:
+        span = d.dilation * (d.kernel_size - 1) + 1
+        if (d.size + 2 * d.pad - span) // d.stride + 1 != d.output_size:
+            return None
+    ones = [_identity_dim()] * (2 - num)
+    geo = ones + list(dims)
+    x4 = x.reshape(x.shape[0], -1, *([1] * (2 - num)), *x.shape[lead:])
+    cols = F.unfold(
+        x4,
+        tuple(d.kernel_size for d in geo),
+        dilation=tuple(d.dilation for d in geo),
+        padding=tuple(d.pad for d in geo),
+        stride=tuple(d.stride for d in geo),
+    )
+    shape = [*x.shape[:lead], *(d.kernel_size for d in dims)]
+    return cols.view(*shape, *(d.output_size for d in dims))
+
+
+def _identity_dim() -> WindowDim:
+    return WindowDim(-1, 1, 0, 1, 1, 1, 1, None)
 
 
 @lru_cache(maxsize=256)
