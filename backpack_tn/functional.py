@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backpack_tn.tn.conv import networks
-from backpack_tn.tn.evaluate import evaluate, native_allowed
+from backpack_tn.tn.evaluate import evaluate, fastest, native_allowed
 from backpack_tn.tn.geometry import ConvGeometry, IntOrTuple, Padding, make_geometry
 
 __all__ = [
@@ -115,6 +115,10 @@ def _native(geometry: ConvGeometry, simplify: bool) -> Optional[dict]:
 
 
 _TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+#: Per-sample weight VJPs try BackPACK's grouped-convolution trick up to this many
+#: input channels per group.
+_TRICK_MAX_GROUP_CHANNELS = 4
 
 
 def _run(op: str, geometry: ConvGeometry, simplify: bool, tensors: dict, **options):
@@ -345,12 +349,38 @@ def weight_vjp(
         groups,
         padding_mode,
     )
-    native = None if per_sample else _native(geometry, simplify)
-    if native is not None:
-        grad = getattr(torch.nn.grad, f"conv{x.dim() - 2}d_weight")
+    native = _native(geometry, simplify)
+    grad = (
+        None if native is None else getattr(torch.nn.grad, f"conv{x.dim() - 2}d_weight")
+    )
+    if native is not None and not per_sample:
         return grad(x, weight_shape, grad_output, *native.values())
-    out = _run("weight_vjp", geometry, simplify, tensors, per_sample=per_sample)
-    return out.reshape((x.shape[0],) * per_sample + weight_shape)
+
+    def tn() -> Tensor:
+        out = _run("weight_vjp", geometry, simplify, tensors, per_sample=per_sample)
+        return out.reshape((x.shape[0],) * per_sample + weight_shape)
+
+    # BackPACK's trick — the batch as extra channel groups of torch's weight-gradient
+    # kernel — beats every contraction when groups hold few channels (depthwise,
+    # first layers). Its workspace grows with C_in/G, hence only there; the faster of
+    # the two is measured once per problem.
+    if native is None or x.shape[1] // groups > _TRICK_MAX_GROUP_CHANNELS:
+        return tn()
+    n = x.shape[0]
+
+    def trick() -> Tensor:
+        batched = dict(native, groups=n * native["groups"])
+        out = grad(
+            x.reshape(1, -1, *x.shape[2:]),
+            (n * weight_shape[0], *weight_shape[1:]),
+            grad_output.reshape(1, -1, *grad_output.shape[2:]),
+            *batched.values(),
+        )
+        return out.reshape(n, *weight_shape)
+
+    key = ("per_sample_weight_vjp", tuple(x.shape), tuple(grad_output.shape))
+    key += (tuple(native.items()), x.dtype, x.device)
+    return fastest(key, [tn, trick], x.device)
 
 
 def kfac_input_factor(

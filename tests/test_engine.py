@@ -337,7 +337,7 @@ TUNE_CASES = [c for c in CASES if c.name in ("k3-s2-p1", "k3-s1-p1-reflect")]
 
 @pytest.mark.parametrize("case", TUNE_CASES, ids=lambda c: c.id)
 def test_autotune_picks_once_and_stays_correct(case: Case):
-    from backpack_tn.tn.evaluate import get_autotune, set_autotune
+    from backpack_tn.tn.evaluate import get_autotune, set_autotune, set_native
 
     module, x, _, grad_out, _, _ = forward_with_grads(case)
     expected = per_sample_grads(case, module, x, grad_out)
@@ -345,6 +345,7 @@ def test_autotune_picks_once_and_stays_correct(case: Case):
     clear_caches()
     try:
         set_autotune(True, min_flops=0)  # measure even these tiny problems
+        set_native(False)  # the engine's candidates only (no torch kernel)
         first = tnf.weight_vjp(
             x, grad_out, case.kernel_size, per_sample=True, **case.hyper
         )
@@ -355,9 +356,35 @@ def test_autotune_picks_once_and_stays_correct(case: Case):
         again = cache_stats()["autotune"]
     finally:
         set_autotune(enabled, threshold)
+        set_native(True)
     close(first, expected)
     close(second, expected)
     assert tuned.size == 1 and again.hits == tuned.hits + 1
+
+
+@pytest.mark.parametrize("groups, c_in", [(1, 2), (8, 8)], ids=["narrow", "depthwise"])
+def test_per_sample_kernel_choice_is_measured_once(groups, c_in):
+    """Few channels per group: TN vs BackPACK's grouped-conv trick, timed once."""
+    torch.manual_seed(0)
+    x = torch.randn(3, c_in, 10, 9, dtype=torch.float64)
+    conv = torch.nn.Conv2d(c_in, 8, 3, stride=2, padding=1, groups=groups).double()
+    grad_out = torch.randn_like(conv(x))
+    # reference: autograd, one example at a time
+    expected = torch.stack(
+        [
+            torch.autograd.grad(conv(x[n : n + 1]), conv.weight, grad_out[n : n + 1])[0]
+            for n in range(3)
+        ]
+    )
+    hyper = dict(stride=2, padding=1, groups=groups)
+    clear_caches()
+    first = tnf.weight_vjp(x, grad_out, 3, per_sample=True, **hyper)
+    chosen = cache_stats()["kernel-choice"]
+    second = tnf.weight_vjp(x, grad_out, 3, per_sample=True, **hyper)
+    again = cache_stats()["kernel-choice"]
+    close(first, expected)
+    close(second, expected)
+    assert chosen.size == 1 and again.hits == chosen.hits + 1
 
 
 def test_no_reference_keeps_inputs_alive():

@@ -451,6 +451,46 @@ def _autotune(
 
 
 _CANDIDATES: LRUCache[tuple] = LRUCache("candidates", maxsize=1024)
+_FASTEST: LRUCache[int] = LRUCache("kernel-choice", maxsize=1024)
+
+
+def fastest(key: tuple, runs: Sequence[Callable[[], Tensor]], device) -> Tensor:
+    """Run the fastest of equivalent computations, measured once per ``key``.
+
+    For choices outside one tensor network (e.g. a TN vs a torch kernel): on the
+    first call for ``key`` every run is timed twice (its faster run counts) and the
+    winner is cached; afterwards only the winner runs. Without autotuning (or with a
+    forced strategy) the first run is used.
+
+    Args:
+        key: Identifies the problem (shapes, hyper-parameters, dtype, device).
+        runs: Zero-argument functions computing the same result, preferred first.
+        device: Device of the computation (CUDA is synchronised for timing).
+
+    Returns:
+        The result of the chosen run.
+    """
+    if not _SETTINGS["autotune"] or _SETTINGS["forced"] is not None:
+        return runs[0]()
+    index = _FASTEST.get(key)
+    if index is not None:
+        return runs[index]()
+    best, best_time, result = 0, math.inf, None
+    for i, run in enumerate(runs):
+        seconds = math.inf
+        for _ in range(2):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            out = run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = min(seconds, time.perf_counter() - start)
+        if seconds < best_time:
+            best, best_time, result = i, seconds, out
+        del out
+    _FASTEST.put(key, best)
+    return result
 
 
 def _rank(formulations, shapes, dtype, device) -> tuple:
