@@ -307,6 +307,45 @@ def _x_and_output(
     return geometry, tensors, weight_shape
 
 
+def _grouped_conv_trick(
+    x: Tensor,
+    grad_output: Tensor,
+    geometry: ConvGeometry,
+    simplify: bool,
+    weight_shape: Tuple[int, ...],
+):
+    """Per-sample kernel gradients from torch's weight-gradient kernel, if sensible.
+
+    BackPACK's trick — the batch as extra channel groups — beats every contraction
+    when groups hold few channels (depthwise, first layers); its workspace grows with
+    ``C_in/G``, hence only there. Returns a zero-argument function, or ``None`` where
+    torch's kernel does not apply or the trick is not worth trying.
+    """
+    native = _native(geometry, simplify)
+    if native is None or weight_shape[1] > _TRICK_MAX_GROUP_CHANNELS:
+        return None
+    grad = getattr(torch.nn.grad, f"conv{x.dim() - 2}d_weight")
+    n = x.shape[0]
+
+    def trick() -> Tensor:
+        batched = dict(native, groups=n * native["groups"])
+        out = grad(
+            x.reshape(1, -1, *x.shape[2:]),
+            (n * weight_shape[0], *weight_shape[1:]),
+            grad_output.reshape(1, -1, *grad_output.shape[2:]),
+            *batched.values(),
+        )
+        return out.reshape(n, *weight_shape)
+
+    return trick
+
+
+def _fastest_of(name: str, x: Tensor, grad_output: Tensor, geometry, runs) -> Tensor:
+    """The faster of equivalent computations, measured once per problem."""
+    key = (name, tuple(x.shape), tuple(grad_output.shape), geometry, x.dtype)
+    return fastest(key + (x.device,), runs, x.device)
+
+
 def weight_vjp(
     x: Tensor,
     grad_output: Tensor,
@@ -350,37 +389,18 @@ def weight_vjp(
         padding_mode,
     )
     native = _native(geometry, simplify)
-    grad = (
-        None if native is None else getattr(torch.nn.grad, f"conv{x.dim() - 2}d_weight")
-    )
     if native is not None and not per_sample:
+        grad = getattr(torch.nn.grad, f"conv{x.dim() - 2}d_weight")
         return grad(x, weight_shape, grad_output, *native.values())
 
     def tn() -> Tensor:
         out = _run("weight_vjp", geometry, simplify, tensors, per_sample=per_sample)
         return out.reshape((x.shape[0],) * per_sample + weight_shape)
 
-    # BackPACK's trick — the batch as extra channel groups of torch's weight-gradient
-    # kernel — beats every contraction when groups hold few channels (depthwise,
-    # first layers). Its workspace grows with C_in/G, hence only there; the faster of
-    # the two is measured once per problem.
-    if native is None or x.shape[1] // groups > _TRICK_MAX_GROUP_CHANNELS:
+    trick = _grouped_conv_trick(x, grad_output, geometry, simplify, weight_shape)
+    if not per_sample or trick is None:
         return tn()
-    n = x.shape[0]
-
-    def trick() -> Tensor:
-        batched = dict(native, groups=n * native["groups"])
-        out = grad(
-            x.reshape(1, -1, *x.shape[2:]),
-            (n * weight_shape[0], *weight_shape[1:]),
-            grad_output.reshape(1, -1, *grad_output.shape[2:]),
-            *batched.values(),
-        )
-        return out.reshape(n, *weight_shape)
-
-    key = ("per_sample_weight_vjp", tuple(x.shape), tuple(grad_output.shape))
-    key += (tuple(native.items()), x.dtype, x.device)
-    return fastest(key, [tn, trick], x.device)
+    return _fastest_of("per_sample", x, grad_output, geometry, [tn, trick])
 
 
 def kfac_input_factor(
@@ -617,7 +637,7 @@ def batch_l2_weight(
     Returns:
         ``[N]``.
     """
-    geometry, tensors, _ = _x_and_output(
+    geometry, tensors, weight_shape = _x_and_output(
         x,
         grad_output,
         "grad_output",
@@ -629,7 +649,15 @@ def batch_l2_weight(
         groups,
         padding_mode,
     )
-    return _run("batch_l2", geometry, simplify, tensors).reshape(x.shape[0])
+    trick = _grouped_conv_trick(x, grad_output, geometry, simplify, weight_shape)
+
+    def tn() -> Tensor:
+        return _run("batch_l2", geometry, simplify, tensors).reshape(x.shape[0])
+
+    if trick is None:
+        return tn()
+    runs = [tn, lambda: trick().flatten(1).square().sum(1)]
+    return _fastest_of("batch_l2", x, grad_output, geometry, runs)
 
 
 def sum_grad_squared_weight(
@@ -672,4 +700,13 @@ def sum_grad_squared_weight(
         groups,
         padding_mode,
     )
-    return _run("sum_grad_squared", geometry, simplify, tensors).reshape(weight_shape)
+    trick = _grouped_conv_trick(x, grad_output, geometry, simplify, weight_shape)
+
+    def tn() -> Tensor:
+        out = _run("sum_grad_squared", geometry, simplify, tensors)
+        return out.reshape(weight_shape)
+
+    if trick is None:
+        return tn()
+    runs = [tn, lambda: trick().square().sum(0)]
+    return _fastest_of("sum_grad_squared", x, grad_output, geometry, runs)
