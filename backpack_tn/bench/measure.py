@@ -19,7 +19,7 @@ import ctypes
 import gc
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -124,3 +124,30 @@ def median_time(
             fn()
             times.append(time.perf_counter() - start_time)
     return statistics.median(times)
+
+
+def interleaved_medians(
+    fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int = 5
+) -> Dict[str, float]:
+    """Median times of competing functions, measured in interleaved rounds.
+
+    Each round times every function once, so slow drifts of a shared machine (other
+    processes, frequency scaling) hit all implementations alike instead of whichever
+    happens to be measured during a busy spell. Every function is called once first
+    (warm-up: plans, caches, autotuning).
+
+    Args:
+        fns: Zero-argument functions by name.
+        device: Device the computation runs on (CUDA uses events).
+        repeats: Number of rounds.
+
+    Returns:
+        The median time in seconds per name.
+    """
+    for fn in fns.values():
+        fn()
+    times: Dict[str, list] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(median_time(fn, device, repeats=1, warmup=0))
+    return {name: statistics.median(values) for name, values in times.items()}

@@ -17,7 +17,7 @@ from backpack_tn.bench.baselines import (
     tn_implementation,
 )
 from backpack_tn.bench.layers import Layer
-from backpack_tn.bench.measure import median_time, peak_memory
+from backpack_tn.bench.measure import interleaved_medians, peak_memory
 
 
 @dataclass
@@ -84,23 +84,30 @@ def run_layers(
             bar.set_postfix_str(f"time {layer.name} {op}")
             references = {}
             impls = implementations(op, problem, with_plain)
+            errors = {}
             for name, (fn, groups_mode) in impls.items():
                 result = fn(problem)
                 if groups_mode not in references:
                     reference = tn_implementation(op, True, groups_mode)(problem)
                     references[groups_mode] = reference
-                error = check(result, references[groups_mode])
+                errors[name] = check(result, references[groups_mode])
                 del result
-                seconds = median_time(partial(fn, problem), device, repeats)
+            del references
+            medians = interleaved_medians(
+                {name: partial(fn, problem) for name, (fn, _) in impls.items()},
+                device,
+                repeats,
+            )
+            for name in impls:
                 results.append(
                     Measurement(
                         layer.name,
                         layer.describe(),
                         op,
                         name,
-                        seconds,
+                        medians[name],
                         None,
-                        error,
+                        errors[name],
                         layer.category,
                     )
                 )
