@@ -417,6 +417,16 @@ def _execute(
 
 _TUNED: LRUCache[int] = LRUCache("autotune", maxsize=1024)
 
+#: Autotuning times every candidate at least twice (the first run pays one-time
+#: costs) and, for cheap candidates, until this much time was spent (at most
+#: ``_MAX_RUNS`` runs): single runs of millisecond kernels are too noisy to rank.
+_MIN_MEASURE_SECONDS = 0.02
+_MAX_RUNS = 10
+
+
+def _measure_again(runs: int, spent: float) -> bool:
+    return runs < 2 or (spent < _MIN_MEASURE_SECONDS and runs < _MAX_RUNS)
+
 
 def _autotune(
     options: Sequence[Candidate],
@@ -426,16 +436,17 @@ def _autotune(
 ) -> Tuple[Tensor, int]:
     """Time every candidate; return the fastest one's result and index.
 
-    Each candidate runs twice and its faster run counts: the first run of a
-    candidate pays one-time costs (fresh allocations, cold caches) that say nothing
-    about the steady state. Planning time is discounted in both runs.
+    Each candidate runs at least twice (cheap ones until ``_MIN_MEASURE_SECONDS``)
+    and its fastest run counts: the first run of a candidate pays one-time costs
+    (fresh allocations, cold caches) that say nothing about the steady state.
+    Planning time is discounted.
     """
     best_result, best_index, best_time = None, -1, math.inf
     dtype = next(iter(tensors.values())).dtype
     for i, candidate in enumerate(options):
         chunks = _chunks(candidate, shapes, dtype)
-        seconds = math.inf
-        for _ in range(2):
+        seconds, spent, runs = math.inf, 0.0, 0
+        while _measure_again(runs, spent):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start, planning = time.perf_counter(), _PLANNING_SECONDS[0]
@@ -443,7 +454,7 @@ def _autotune(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - start - (_PLANNING_SECONDS[0] - planning)
-            seconds = min(seconds, elapsed)
+            seconds, spent, runs = min(seconds, elapsed), spent + elapsed, runs + 1
         if seconds < best_time:
             best_result, best_index, best_time = result, i, seconds
         del result  # keep at most two results alive
@@ -458,9 +469,9 @@ def fastest(key: tuple, runs: Sequence[Callable[[], Tensor]], device) -> Tensor:
     """Run the fastest of equivalent computations, measured once per ``key``.
 
     For choices outside one tensor network (e.g. a TN vs a torch kernel): on the
-    first call for ``key`` every run is timed twice (its faster run counts) and the
-    winner is cached; afterwards only the winner runs. Without autotuning (or with a
-    forced strategy) the first run is used.
+    first call for ``key`` every run is timed at least twice (its fastest run
+    counts) and the winner is cached; afterwards only the winner runs. Without
+    autotuning (or with a forced strategy) the first run is used.
 
     Args:
         key: Identifies the problem (shapes, hyper-parameters, dtype, device).
@@ -477,15 +488,16 @@ def fastest(key: tuple, runs: Sequence[Callable[[], Tensor]], device) -> Tensor:
         return runs[index]()
     best, best_time, result = 0, math.inf, None
     for i, run in enumerate(runs):
-        seconds = math.inf
-        for _ in range(2):
+        seconds, spent, count = math.inf, 0.0, 0
+        while _measure_again(count, spent):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
             out = run()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            seconds = min(seconds, time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            seconds, spent, count = min(seconds, elapsed), spent + elapsed, count + 1
         if seconds < best_time:
             best, best_time, result = i, seconds, out
         del out
