@@ -131,7 +131,8 @@ def interleaved_medians(
 ) -> Dict[str, float]:
     """Median times of competing functions, measured in interleaved rounds.
 
-    Each round times every function once, so slow drifts of a shared machine (other
+    Each round times every function once, in an order rotated from round to round,
+    so slow drifts of a shared machine (other
     processes, frequency scaling) hit all implementations alike instead of whichever
     happens to be measured during a busy spell. Every function is called once first
     (warm-up: plans, caches, autotuning).
@@ -147,7 +148,10 @@ def interleaved_medians(
     for fn in fns.values():
         fn()
     times: Dict[str, list] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(median_time(fn, device, repeats=1, warmup=0))
+    names = list(fns)
+    for r in range(repeats):
+        # rotate the order: whoever runs right after a different computation finds
+        # colder caches, so no implementation should always be first
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(median_time(fns[name], device, repeats=1, warmup=0))
     return {name: statistics.median(values) for name, values in times.items()}
