@@ -465,7 +465,9 @@ _CANDIDATES: LRUCache[tuple] = LRUCache("candidates", maxsize=1024)
 _FASTEST: LRUCache[int] = LRUCache("kernel-choice", maxsize=1024)
 
 
-def fastest(key: tuple, runs: Sequence[Callable[[], Tensor]], device) -> Tensor:
+def fastest(
+    key: tuple, runs: Sequence[Callable[[], Tensor]], device: torch.device
+) -> Tensor:
     """Run the fastest of equivalent computations, measured once per ``key``.
 
     For choices outside one tensor network (e.g. a TN vs a torch kernel): on the
