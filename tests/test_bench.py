@@ -1,0 +1,135 @@
+"""The benchmark suite: layer extraction, baselines agree with the TN, report logic.
+
+Timings are not asserted (they belong to benchmarks); what is tested is that the
+suite measures the right things: the zoo's layers are the models' convolutions, every
+stock implementation computes the same quantity as ``backpack_tn`` (so a speed-up
+compares like with like), and the report picks the fastest stock implementation.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from backpack_tn.bench import report
+from backpack_tn.bench.__main__ import main as bench_main
+from backpack_tn.bench.baselines import (
+    OPERATIONS,
+    STOCK,
+    check,
+    make_problem,
+    tn_implementation,
+)
+from backpack_tn.bench.layers import Layer
+from backpack_tn.bench.zoo import ZOO, model_layers
+
+
+@pytest.mark.parametrize("name", ["3c3d", "2c2d", "allcnnc", "resnet18"])
+def test_zoo_layers_are_the_models_convolutions(name):
+    """Each extracted layer reproduces a conv of the model with its real input shape."""
+    build, input_shape = ZOO[name]
+    model = build().eval()
+    seen = set()
+
+    def record(module, inputs):
+        seen.add((module.in_channels, module.out_channels, tuple(inputs[0].shape[2:])))
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_pre_hook(record)
+    with torch.no_grad():
+        model(torch.zeros(1, *input_shape))
+    layers = model_layers(name)
+    assert {
+        (lay.in_channels, lay.out_channels, lay.input_size) for lay in layers
+    } == seen
+    for layer in layers:  # the declared output size is the module's
+        out = layer.module()(torch.zeros(1, layer.in_channels, *layer.input_size))
+        assert tuple(out.shape[2:]) == layer.output_size
+
+
+@pytest.mark.parametrize(
+    "layer, category",
+    [
+        (Layer("a", "", 4, 4, (8, 8), 3, 1, 1), "general"),
+        (Layer("b", "", 4, 4, (8, 8), 1), "dense"),
+        (Layer("c", "", 4, 4, (8, 8), 4, 4), "dense"),
+        (Layer("d", "", 4, 4, (8, 8), 1, 2), "down-sampling"),
+        (Layer("e", "", 4, 4, (8, 8), (1, 7), 1, (0, 3)), "mixed-dense"),
+    ],
+    ids=["3x3", "1x1", "patchify", "1x1-s2", "1x7"],
+)
+def test_layer_categories(layer, category):
+    assert layer.category == category
+
+
+LAYERS = [
+    Layer("g", "", 4, 6, (9, 8), 3, 2, 1, 1, 2),
+    Layer("m", "", 3, 4, (8, 9), (1, 3), 1, (0, 1)),
+]
+
+
+@pytest.mark.parametrize("op", OPERATIONS)
+@pytest.mark.parametrize("layer", LAYERS, ids=["grouped-s2", "1x3"])
+def test_stock_implementations_compute_the_same_quantity(op, layer):
+    problem = make_problem(layer, 3, 2, torch.float64, torch.device("cpu"))
+    for name, impl in STOCK[op].items():
+        if not impl.available(problem):
+            continue
+        reference = tn_implementation(op, True, impl.groups_mode)(problem)
+        # einconv 0.1.0 builds its KFAC factors in float32 whatever the input dtype
+        tolerance = 1e-6 if name == "einconv" else 1e-10
+        assert check(impl.fn(problem), reference) < tolerance, name
+
+
+def test_report_compares_with_the_fastest_stock_implementation():
+    def row(impl, seconds, memory):
+        return dict(
+            layer="L",
+            description="d",
+            operation="op",
+            implementation=impl,
+            time_s=seconds,
+            memory_bytes=memory,
+            category="general",
+        )
+
+    rows = report.comparisons(
+        [row("tn", 2.0, 10), row("unfold", 4.0, 5), row("torch", 1.0, 20)]
+        + [row("einconv", 8.0, 1)]
+    )
+    (r,) = rows
+    assert r["fastest"] == "torch" and r["speedup"] == 0.5
+    assert r["leanest"] == "unfold" and r["stock_memory"] == 5  # einconv not stock
+    assert r["einconv_speedup"] == 4.0
+    assert "op on L (d): 0.50× vs torch" in report.summary(rows)
+
+
+def test_bench_command_runs_on_a_zoo_layer(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    status = bench_main(
+        [
+            "--models",
+            "2c2d",
+            "--max-layers",
+            "1",
+            "--ops",
+            "kfac_reduce",
+            "per_sample_grad",
+            "--batch-size",
+            "2",
+            "--repeats",
+            "1",
+            "--no-memory",
+            "--no-plain",
+            "--json",
+            str(out),
+        ]
+    )
+    assert status == 0  # every implementation agreed with the TN result
+    results = json.loads(out.read_text())["results"]
+    assert {r["implementation"] for r in results} >= {"tn", "unfold", "backpack"}
+    assert "geo-mean speed-up" in capsys.readouterr().out
