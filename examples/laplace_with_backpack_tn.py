@@ -13,7 +13,7 @@ rows as channels) on scikit-learn's 8×8 digits for a few epochs (float64), then
   ``CurvlinopsEF`` (curvlinops' ``KFACLinearOperator``, exact / empirical Fisher),
 
 once with stock BackPACK/curvlinops and once after ``backpack_tn.install()``, and
-prints the fit time, the number of TN contractions the fit ran (zero for stock,
+prints the fit time, the peak extra memory of a fit, the number of TN contractions the fit ran (zero for stock,
 checked), the log marginal likelihood (prior precision 1) and the largest relative
 difference of the posterior precision (diagonal, or Kronecker factors) side by
 side. Stock curvlinops refuses the Conv1d model; with ``backpack_tn`` it works.
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from functools import partial
 import time
 import warnings
 
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 import backpack_tn
+from backpack_tn.bench.measure import peak_memory
 
 warnings.filterwarnings("ignore", "Full backward hook is firing")
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -136,6 +138,10 @@ def precision(la) -> list:
     ]
 
 
+def mib(num_bytes) -> str:
+    return "n/a" if num_bytes is None else f"{num_bytes / 2**20:.1f}"
+
+
 def rel_diff(a: list, b: list) -> float:
     return max(
         ((x - y).norm() / y.norm().clamp_min(1e-300)).item() for x, y in zip(a, b)
@@ -187,7 +193,13 @@ def main(argv=None) -> list:
                 raise RuntimeError(f"backpack_tn failed on {name}: {tn}")
             assert n_tn > 0, "the TN run did not use the TN engine"
             lml_tn = tn.log_marginal_likelihood(prior).item()
+            # peak extra memory of a second fit each (after the timed ones)
+            cpu = torch.device("cpu")
+            mem_tn = peak_memory(
+                partial(fit, model, loader, structure, backend, True), cpu
+            )
             row = dict(
+                mem_tn=mem_tn,
                 model=name,
                 structure=structure,
                 backend=backend.__name__,
@@ -199,6 +211,9 @@ def main(argv=None) -> list:
                 row.update(stock=stock)
             else:
                 row.update(
+                    mem_stock=peak_memory(
+                        partial(fit, model, loader, structure, backend, False), cpu
+                    ),
                     t_stock=t_stock,
                     lml_stock=stock.log_marginal_likelihood(prior).item(),
                     diff=rel_diff(precision(tn), precision(stock)),
@@ -207,20 +222,22 @@ def main(argv=None) -> list:
 
     print(
         "\n| model | Hessian | backend | stock fit [s] | TN fit [s] | "
+        "stock peak [MiB] | TN peak [MiB] | "
         "TN contractions | log marg. lik. stock | log marg. lik. TN | "
         "max rel. diff of precision |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         head = f"| {r['model']} | {r['structure']} | {r['backend']} |"
         if "stock" in r:
             print(
-                f"{head} refused | {r['t_tn']:.3f} | {r['n_tn']} | — | "
-                f"{r['lml_tn']:.4f} | — |"
+                f"{head} refused | {r['t_tn']:.3f} | — | {mib(r['mem_tn'])} | "
+                f"{r['n_tn']} | — | {r['lml_tn']:.4f} | — |"
             )
         else:
             print(
-                f"{head} {r['t_stock']:.3f} | {r['t_tn']:.3f} | {r['n_tn']} | "
+                f"{head} {r['t_stock']:.3f} | {r['t_tn']:.3f} | "
+                f"{mib(r['mem_stock'])} | {mib(r['mem_tn'])} | {r['n_tn']} | "
                 f"{r['lml_stock']:.4f} | {r['lml_tn']:.4f} | {r['diff']:.1e} |"
             )
     for r in rows:
