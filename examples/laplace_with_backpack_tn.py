@@ -13,10 +13,11 @@ rows as channels) on scikit-learn's 8×8 digits for a few epochs (float64), then
   ``CurvlinopsEF`` (curvlinops' ``KFACLinearOperator``, exact / empirical Fisher),
 
 once with stock BackPACK/curvlinops and once after ``backpack_tn.install()``, and
-prints the fit time, the peak extra memory of a fit, the number of TN contractions the fit ran (zero for stock,
-checked), the log marginal likelihood (prior precision 1) and the largest relative
-difference of the posterior precision (diagonal, or Kronecker factors) side by
-side. Stock curvlinops refuses the Conv1d model; with ``backpack_tn`` it works.
+prints side by side the fit time, the peak extra memory of a fit, the number of TN
+contractions the fit ran (zero for stock, checked), the log marginal likelihood
+(prior precision 1) and the largest relative difference of the posterior precision
+(diagonal, or Kronecker factors). Stock curvlinops refuses the Conv1d model; with
+``backpack_tn`` it works.
 (laplace-torch's *diagonal* curvlinops backends use ``torch.func`` Jacobians, not
 curvlinops operators, so they are not affected by ``backpack_tn`` and not shown.)
 
@@ -29,9 +30,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-from functools import partial
 import time
 import warnings
+from functools import partial
 
 import torch
 from torch import nn
