@@ -334,28 +334,41 @@ def _grouped_conv_trick(
     simplify: bool,
     weight_shape: Tuple[int, ...],
 ):
-    """Per-sample kernel gradients from torch's weight-gradient kernel, if sensible.
+    """Per-sample kernel gradients from torch's convolution kernel, if sensible.
 
-    BackPACK's trick — the batch as extra channel groups — beats every contraction
-    when groups hold few channels (depthwise, first layers); its workspace grows with
-    ``C_in/G``, hence only there. Returns a zero-argument function, or ``None`` where
-    torch's kernel does not apply or the trick is not worth trying.
+    BackPACK's trick — samples and channels as channel groups of one forward
+    convolution with the output gradients as kernels — beats every contraction when
+    groups hold few channels (depthwise, first layers); it repeats the output
+    gradient ``C_in/G`` times, hence only there. Returns a zero-argument function,
+    or ``None`` where torch's kernel does not apply or the trick is not worth trying.
     """
     native = _native(geometry, simplify)
     if native is None or weight_shape[1] > _TRICK_MAX_GROUP_CHANNELS:
         return None
-    grad = getattr(torch.nn.grad, f"conv{x.dim() - 2}d_weight")
-    n = x.shape[0]
+    n, c_in, groups = x.shape[0], x.shape[1], native["groups"]
+    c_out, per_group = weight_shape[0], weight_shape[1]
+    kernel = weight_shape[2:]
+    convolve = _TORCH_CONV[x.dim() - 2]
 
     def trick() -> Tensor:
-        batched = dict(native, groups=n * native["groups"])
-        out = grad(
-            x.reshape(1, -1, *x.shape[2:]),
-            (n * weight_shape[0], *weight_shape[1:]),
-            grad_output.reshape(1, -1, *grad_output.shape[2:]),
-            *batched.values(),
+        # W_n[d, c, k] = Σ_o g[n, d, o] · x_pad[n, c, o·S + k·D]: a forward convolution
+        # of every (sample, input channel) with the output gradients of the channels
+        # it feeds as kernels — stride and dilation swap roles.
+        g = grad_output.reshape(n, groups, 1, c_out // groups, *grad_output.shape[2:])
+        g = g.expand(-1, -1, per_group, -1, *grad_output.shape[2:])
+        g = g.reshape(n * c_in * (c_out // groups), 1, *grad_output.shape[2:])
+        out = convolve(
+            x.reshape(1, n * c_in, *x.shape[2:]),
+            g,
+            stride=native["dilation"],
+            padding=native["padding"],
+            dilation=native["stride"],
+            groups=n * c_in,
         )
-        return out.reshape(n, *weight_shape)
+        for axis, size in enumerate(kernel):  # output positions beyond the kernel
+            out = out.narrow(2 + axis, 0, size)
+        out = out.reshape(n, groups, per_group, c_out // groups, *kernel)
+        return out.transpose(2, 3).reshape(n, *weight_shape)
 
     return trick
 

@@ -101,6 +101,28 @@ def test_weight_vjp(case, simplify, per_sample):
     close(result, expected)
 
 
+def test_grouped_conv_trick(case):
+    """BackPACK's per-sample trick (a torch-kernel candidate) wherever it applies.
+
+    Whether the engine picks it depends on timing, so it is checked on its own.
+    """
+    from backpack_tn.functional import _geometry, _grouped_conv_trick
+
+    module, x, _, grad_out, _, _ = forward_with_grads(case)
+    geometry = _geometry(x.shape, module.kernel_size, **case.hyper)
+    trick = _grouped_conv_trick(x, grad_out, geometry, True, tuple(module.weight.shape))
+    few_channels = case.c_in // case.groups <= 4
+    if trick is None:
+        zero_padded = all(
+            d.padding_mode == "zeros" and d.pad_left == d.pad_right
+            for d in geometry.dims
+        )
+        assert not (few_channels and zero_padded and case.dims <= 3)
+        return
+    assert few_channels
+    close(trick(), per_sample_grads(case, module, x, grad_out))
+
+
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 @pytest.mark.parametrize("groups_mode", ["average", "separate"])
 def test_kfac_input_factor(case, simplify, approx, groups_mode):
