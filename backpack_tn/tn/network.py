@@ -104,6 +104,10 @@ def plan_dim(dim: DimGeometry, simplify: bool = True, windows: bool = False) -> 
         return DimPlan(dim, kind, SpatialView(0, size), ("o",), None)
     if kind == "downsample":
         return DimPlan(dim, kind, SpatialView(0, size, stride), ("o",), None)
+    if kind == "dense" and windows and simplify and kernel > 1:
+        # the window variant of a non-overlapping kernel: materialised directly in
+        # GEMM layout (torch's im2col where it applies) instead of a permuted reshape
+        return DimPlan(dim, "window", _window_view(dim), ("o", "k"), None)
     if kind == "dense":
         length = out * stride
         view = SpatialView(
