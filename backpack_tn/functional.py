@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +135,11 @@ def _native(geometry: ConvGeometry, simplify: bool) -> Optional[dict]:
 
 
 _TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
+
 
 #: Per-sample weight VJPs try BackPACK's grouped-convolution trick up to this many
 #: input channels per group.
@@ -330,8 +335,7 @@ def _x_and_output(
 def _grouped_conv_trick(
     x: Tensor,
     grad_output: Tensor,
-    geometry: ConvGeometry,
-    simplify: bool,
+    native: Optional[dict],
     weight_shape: Tuple[int, ...],
 ):
     """Per-sample kernel gradients from torch's convolution kernel, if sensible.
@@ -340,9 +344,9 @@ def _grouped_conv_trick(
     convolution with the output gradients as kernels — beats every contraction when
     groups hold few channels (depthwise, first layers); it repeats the output
     gradient ``C_in/G`` times, hence only there. Returns a zero-argument function,
-    or ``None`` where torch's kernel does not apply or the trick is not worth trying.
+    or ``None`` where torch's kernel does not apply (``native`` is ``None``) or the
+    trick is not worth trying.
     """
-    native = _native(geometry, simplify)
     if native is None or weight_shape[1] > _TRICK_MAX_GROUP_CHANNELS:
         return None
     n, c_in, groups = x.shape[0], x.shape[1], native["groups"]
@@ -373,10 +377,25 @@ def _grouped_conv_trick(
     return trick
 
 
-def _fastest_of(name: str, x: Tensor, grad_output: Tensor, geometry, runs) -> Tensor:
-    """The faster of equivalent computations, measured once per problem."""
+def _tn_or_trick(
+    name: str,
+    tn: Callable[[], Tensor],
+    finish: Callable[[Tensor], Tensor],
+    x: Tensor,
+    grad_output: Tensor,
+    geometry: ConvGeometry,
+    native: Optional[dict],
+    weight_shape: Tuple[int, ...],
+) -> Tensor:
+    """The TN, or ``finish`` of the grouped-conv trick's per-sample gradients.
+
+    Where the trick applies, the faster of the two is measured once per problem.
+    """
+    trick = _grouped_conv_trick(x, grad_output, native, weight_shape)
+    if trick is None:
+        return tn()
     key = (name, tuple(x.shape), tuple(grad_output.shape), geometry, x.dtype)
-    return fastest(key + (x.device,), runs, x.device)
+    return fastest(key + (x.device,), [tn, lambda: finish(trick())], x.device)
 
 
 def weight_vjp(
@@ -430,10 +449,29 @@ def weight_vjp(
         out = _run("weight_vjp", geometry, simplify, tensors, per_sample=per_sample)
         return out.reshape((x.shape[0],) * per_sample + weight_shape)
 
-    trick = _grouped_conv_trick(x, grad_output, geometry, simplify, weight_shape)
-    if not per_sample or trick is None:
+    if not per_sample:
         return tn()
-    return _fastest_of("per_sample", x, grad_output, geometry, [tn, trick])
+    return _tn_or_trick(
+        "per_sample", tn, _identity, x, grad_output, geometry, native, weight_shape
+    )
+
+
+def _kfac_input(
+    x, kernel_size, stride, padding, dilation, groups, padding_mode, groups_mode
+) -> Tuple[ConvGeometry, Tensor]:
+    """Validate the input of a KFAC statistic; group it (and average the groups)."""
+    if groups_mode not in GROUPS_MODES:
+        raise ValueError(
+            f"groups_mode must be one of {GROUPS_MODES}, got {groups_mode!r}."
+        )
+    _spatial_dims(x)
+    geometry = _geometry(
+        x.shape, kernel_size, stride, padding, dilation, groups, padding_mode
+    )
+    grouped = _group_input(x, groups)
+    if groups_mode == "average" and groups > 1:  # G = 1: the mean would only copy
+        grouped = grouped.mean(1, keepdim=True)
+    return geometry, grouped
 
 
 def kfac_input_factor(
@@ -483,17 +521,9 @@ def kfac_input_factor(
         raise ValueError(
             f"approx must be one of {KFAC_APPROXIMATIONS}, got {approx!r}."
         )
-    if groups_mode not in GROUPS_MODES:
-        raise ValueError(
-            f"groups_mode must be one of {GROUPS_MODES}, got {groups_mode!r}."
-        )
-    _spatial_dims(x)
-    geometry = _geometry(
-        x.shape, kernel_size, stride, padding, dilation, groups, padding_mode
+    geometry, grouped = _kfac_input(
+        x, kernel_size, stride, padding, dilation, groups, padding_mode, groups_mode
     )
-    grouped = _group_input(x, groups)
-    if groups_mode == "average" and groups > 1:  # G = 1: the mean would only copy
-        grouped = grouped.mean(1, keepdim=True)
     out = _run("kfac_input", geometry, simplify, {"x": grouped}, approx=approx)
     scale = 1.0 / x.shape[0]
     if approx == "reduce":
@@ -540,17 +570,9 @@ def averaged_patches(
     Raises:
         ValueError: For an unknown ``groups_mode`` or invalid hyper-parameters.
     """
-    if groups_mode not in GROUPS_MODES:
-        raise ValueError(
-            f"groups_mode must be one of {GROUPS_MODES}, got {groups_mode!r}."
-        )
-    _spatial_dims(x)
-    geometry = _geometry(
-        x.shape, kernel_size, stride, padding, dilation, groups, padding_mode
+    geometry, grouped = _kfac_input(
+        x, kernel_size, stride, padding, dilation, groups, padding_mode, groups_mode
     )
-    grouped = _group_input(x, groups)
-    if groups_mode == "average" and groups > 1:
-        grouped = grouped.mean(1, keepdim=True)
     out = _run("patch_sum", geometry, simplify, {"x": grouped})
     out = out.div_(math.prod(geometry.output_size))
     out = out.reshape(x.shape[0], grouped.shape[1], -1)
@@ -682,15 +704,17 @@ def batch_l2_weight(
         groups,
         padding_mode,
     )
-    trick = _grouped_conv_trick(x, grad_output, geometry, simplify, weight_shape)
 
     def tn() -> Tensor:
         return _run("batch_l2", geometry, simplify, tensors).reshape(x.shape[0])
 
-    if trick is None:
-        return tn()
-    runs = [tn, lambda: trick().flatten(1).square().sum(1)]
-    return _fastest_of("batch_l2", x, grad_output, geometry, runs)
+    def finish(per_sample: Tensor) -> Tensor:
+        return per_sample.flatten(1).square().sum(1)
+
+    native = _native(geometry, simplify)
+    return _tn_or_trick(
+        "batch_l2", tn, finish, x, grad_output, geometry, native, weight_shape
+    )
 
 
 def sum_grad_squared_weight(
@@ -733,13 +757,15 @@ def sum_grad_squared_weight(
         groups,
         padding_mode,
     )
-    trick = _grouped_conv_trick(x, grad_output, geometry, simplify, weight_shape)
 
     def tn() -> Tensor:
         out = _run("sum_grad_squared", geometry, simplify, tensors)
         return out.reshape(weight_shape)
 
-    if trick is None:
-        return tn()
-    runs = [tn, lambda: trick().square().sum(0)]
-    return _fastest_of("sum_grad_squared", x, grad_output, geometry, runs)
+    def finish(per_sample: Tensor) -> Tensor:
+        return per_sample.square().sum(0)
+
+    native = _native(geometry, simplify)
+    return _tn_or_trick(
+        "sum_grad_squared", tn, finish, x, grad_output, geometry, native, weight_shape
+    )

@@ -106,11 +106,12 @@ def test_grouped_conv_trick(case):
 
     Whether the engine picks it depends on timing, so it is checked on its own.
     """
-    from backpack_tn.functional import _geometry, _grouped_conv_trick
+    from backpack_tn.functional import _geometry, _grouped_conv_trick, _native
 
     module, x, _, grad_out, _, _ = forward_with_grads(case)
     geometry = _geometry(x.shape, module.kernel_size, **case.hyper)
-    trick = _grouped_conv_trick(x, grad_out, geometry, True, tuple(module.weight.shape))
+    native = _native(geometry, True)
+    trick = _grouped_conv_trick(x, grad_out, native, tuple(module.weight.shape))
     few_channels = case.c_in // case.groups <= 4
     if trick is None:
         zero_padded = all(
