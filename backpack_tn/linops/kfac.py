@@ -4,9 +4,10 @@
 operators (version 3.0.x) and change only where the numbers of convolutions come from:
 
 * the input covariance of a ``Conv{1,2,3}d`` (KFAC-expand ``Σ_o u_o u_oᵀ`` and
-  KFAC-reduce ``ū ūᵀ``) is contracted from the layer input and the index patterns —
-  curvlinops unfolds the input (expand) or builds dense averaged patterns (reduce), for
-  ``Conv2d`` only;
+  KFAC-reduce ``ū ūᵀ``) is contracted from the layer input and the index patterns
+  (the engine's window strategy may instead build one patch matrix in GEMM layout
+  where it measures that faster) — curvlinops unfolds the input (expand) or builds
+  dense averaged patterns (reduce), for ``Conv2d`` only;
 * EKFAC's eigenvalue correction squares per-example gradients rotated into the
   Kronecker eigenbasis; the per-example gradients come from the TN weight VJP, batch
   chunk by batch chunk, where curvlinops unfolds the whole input first.
@@ -33,7 +34,6 @@ from typing import Dict, Tuple
 
 import curvlinops
 import torch
-import torch.nn.functional as F
 from curvlinops.ekfac import EKFACLinearOperator as _CurvEKFAC
 from curvlinops.kfac import FisherType, KFACType
 from curvlinops.kfac import KFACLinearOperator as _CurvKFAC
@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
 from backpack_tn import functional as tnf
+from backpack_tn.extensions.derivatives import hyperparameters
 from backpack_tn.tn.evaluate import get_memory_budget
 from backpack_tn.tn.geometry import make_geometry
 
@@ -72,20 +73,14 @@ _STOCK = {
 }
 
 
-def _conv_hyperparameters(module: Module) -> dict:
-    return dict(
-        stride=module.stride,
-        padding=module.padding,
-        dilation=module.dilation,
-        padding_mode=module.padding_mode,
-    )
+def _averaged_hyperparameters(module: Module) -> dict:
+    """Hyper-parameters for the group-averaged input: one group of ``C_in/G``."""
+    return dict(hyperparameters(module), groups=1)
 
 
 def _num_positions(module: Module, x: Tensor) -> int:
     """Number of output positions ``O`` of a convolution on input ``x``."""
-    geometry = make_geometry(
-        x.shape[2:], module.kernel_size, groups=1, **_conv_hyperparameters(module)
-    )
+    geometry = make_geometry(x.shape[2:], module.kernel_size, **hyperparameters(module))
     return math.prod(geometry.output_size)
 
 
@@ -146,29 +141,25 @@ class KFACLinearOperator(_CurvKFAC):
             return stock(self, module, inputs, module_name)
 
         x = _check_single_input(inputs)
-        hyper = _conv_hyperparameters(module)
+        hyper = hyperparameters(module)
         batch_size = x.shape[0]
         # curvlinops normalises both approximations per data point (and expand also
         # per output position); the row/column of a joint bias is Σ_n ū_n / N_data
         # and its corner N/N_data in both cases.
         if self._kfac_approx == KFACType.EXPAND:
             factor = tnf.kfac_input_factor(
-                x, module.kernel_size, groups=module.groups, approx="expand", **hyper
+                x, module.kernel_size, approx="expand", **hyper
             )
             scale = batch_size / (self._N_data * _num_positions(module, x))
             covariance = factor.mul_(scale)
             means = None
         else:
-            means = tnf.averaged_patches(
-                x, module.kernel_size, groups=module.groups, **hyper
-            )
+            means = tnf.averaged_patches(x, module.kernel_size, **hyper)
             covariance = (means.T @ means).div_(self._N_data)
 
         if _joint_bias(self, module_name):
             if means is None:
-                means = tnf.averaged_patches(
-                    x, module.kernel_size, groups=module.groups, **hyper
-                )
+                means = tnf.averaged_patches(x, module.kernel_size, **hyper)
             column = means.sum(0).div_(self._N_data)
             corner = column.new_full((1,), batch_size / self._N_data)
             covariance = torch.cat(
@@ -228,12 +219,8 @@ def _project_input(module: Module, x: Tensor, q: Tensor, with_bias: bool) -> Ten
     rows = q.shape[0] - 1 if with_bias else q.shape[0]  # rows ordered (c, k…)
     kernel = q[:rows].T.reshape(q.shape[1], x.shape[1], *module.kernel_size)
     bias = q[-1] if with_bias else None
-    hyper = _conv_hyperparameters(module)
-    if module.padding_mode == "zeros":  # torch's kernels take every zero padding
-        convolve = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
-        out = convolve(x, kernel, bias, module.stride, module.padding, module.dilation)
-    else:
-        out = tnf.conv(x, kernel, bias, **hyper)
+    # tnf.conv runs torch's kernel where it applies, a TN for the other paddings
+    out = tnf.conv(x, kernel, bias, **_averaged_hyperparameters(module))
     return out.flatten(2)
 
 
@@ -272,7 +259,7 @@ def _conv_corrected_eigenvalues(
                     g_rot[rows].reshape(g[rows].shape),
                     module.kernel_size,
                     per_sample=True,
-                    **_conv_hyperparameters(module),
+                    **_averaged_hyperparameters(module),
                 ).flatten(2)
                 if with_bias:
                     bias_grad = g_rot[rows].sum(2, keepdim=True)
