@@ -7,12 +7,21 @@ import torch
 from torch import Tensor
 
 from backpack_tn import functional as tnf
+from backpack_tn.tn import windows
 from backpack_tn.tn.evaluate import force_strategy
 from tests.cases import CASES, Case, grouped_unfold, reference_unfold
 
 # (simplify, forced strategy): the plain TN, and both strategies of the simplified one
-SIMPLIFY = [(False, None), (True, "pattern"), (True, "window"), (True, "taps")]
-SIMPLIFY_IDS = ["plain", "pattern", "window", "taps"]
+SIMPLIFY = [
+    (False, None),
+    (True, "pattern"),
+    (True, "window"),
+    (True, "window-loop"),
+    (True, "taps"),
+]
+# "window" builds these small window operands with F.unfold (plus a permuted copy
+# where the layout differs); "window-loop" forces the per-tap loop used for large ones
+SIMPLIFY_IDS = ["plain", "pattern", "window", "window-loop", "taps"]
 DTYPES = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
     torch.float32: dict(rtol=1e-5, atol=1e-5),
@@ -56,8 +65,11 @@ def case(request) -> Case:
 
 
 @pytest.fixture(params=SIMPLIFY, ids=SIMPLIFY_IDS)
-def simplify(request) -> bool:
+def simplify(request, monkeypatch) -> bool:
     simplify, strategy = request.param
+    if strategy == "window-loop":
+        strategy = "window"
+        monkeypatch.setattr(windows, "SMALL_WINDOW_ELEMENTS_PER_TAP", 0)
     with force_strategy(strategy):
         yield simplify
 

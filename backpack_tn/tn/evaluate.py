@@ -42,6 +42,8 @@ from backpack_tn.tn.windows import (
     run_taps,
     supports_direct_windows,
     supports_taps,
+    unfold_mode,
+    window_dims,
 )
 
 Shape = Tuple[int, ...]
@@ -52,8 +54,10 @@ STRATEGIES = ("pattern", "window", "taps")
 COPY_COST = 16.0
 
 #: FLOP-equivalents of one kernel launch / Python-level torch call, so that tiny
-#: problems prefer the candidate with the fewest calls.
-CALL_COST = 2e4
+#: problems prefer the candidate with the fewest calls. Calibrated against
+#: ``COPY_COST`` on a CPU: a small torch call (≈ 15–20 µs with its reshapes) costs
+#: about as much as copying 10⁴ elements (≈ 1.5 ns each).
+CALL_COST = 2e5
 
 #: Autotuning measures only candidates estimated at most this many times as costly as
 #: the cheapest, so one first call never runs a hopeless candidate.
@@ -63,7 +67,7 @@ _SETTINGS: Dict[str, object] = {
     "budget": 2**30,  # bytes of the largest intermediate before batch chunking
     "forced": None,  # a strategy pinned by force_strategy
     "autotune": True,
-    "autotune_min_flops": 5e7,  # below: the cost model decides
+    "autotune_min_flops": 1e7,  # below (≈ 1 ms): the cost model decides
     "native": True,  # forward/input VJP/weight VJP may run torch's own kernels
 }
 
@@ -334,17 +338,19 @@ def candidates(
     for net in formulations:
         op_shapes = [_operand_shape(net, op, shapes) for op in net.operands]
         plan = _plan(net.equation, op_shapes, dtype, device)
-        # unfolded (window) operands are copied once, one strided copy per tap
+        # unfolded (window) operands are built once each: (torch calls, copies)
         windowed = {
-            (op.source, op.views): math.prod(s)
+            (op.source, op.views): _window_cost(net, op, shapes[op.source], s)
             for op, s in zip(net.operands, op_shapes)
             if op.layout
         }
-        copied = sum(windowed.values())
+        copied = sum(elements for _, elements in windowed.values())
         taps = math.prod(
             p.geometry.kernel_size for p in net.plans if p.kind == "window"
         )
-        calls = len(plan.expression.contraction_list) + len(windowed) * taps
+        calls = len(plan.expression.contraction_list) + sum(
+            n for n, _ in windowed.values()
+        )
         epilogue = 0.0
         if net.square_sum:
             sizes = _axis_sizes(net, shapes)
@@ -367,6 +373,23 @@ def candidates(
     if forced is not None:
         result = [c for c in result if c.strategy == forced] or result
     return result
+
+
+def _window_cost(
+    net: TensorNetwork, op: Operand, source: Shape, shape: Shape
+) -> Tuple[int, int]:
+    """Torch calls and copied elements to build a window operand (as ``im2col``)."""
+    elements = math.prod(shape)
+    drop = any(a in net.dropped for a in op.axes)
+    if drop or not supports_direct_windows(op, net.plans):
+        return 1, elements  # views, then one contiguous copy
+    lead = tuple(source[: len(source) - len(net.plans)])
+    mode = unfold_mode(lead, window_dims(net.plans), op, op.layout, len(net.plans))
+    if mode == "natural":
+        return 1, elements
+    if mode == "permuted":
+        return 2, 2 * elements
+    return math.prod(d.kernel_size for d in window_dims(net.plans)), elements
 
 
 def _chunks(candidate: Candidate, shapes: Mapping[str, Shape], dtype) -> int:
