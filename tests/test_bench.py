@@ -9,6 +9,7 @@ compares like with like), and the report picks the fastest stock implementation.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -24,6 +25,11 @@ from backpack_tn.bench.baselines import (
     tn_implementation,
 )
 from backpack_tn.bench.layers import Layer
+from backpack_tn.bench.measure import (
+    calls_per_sample,
+    interleaved_medians,
+    median_time,
+)
 from backpack_tn.bench.zoo import ZOO, model_layers
 
 
@@ -133,3 +139,22 @@ def test_bench_command_runs_on_a_zoo_layer(tmp_path, capsys):
     results = json.loads(out.read_text())["results"]
     assert {r["implementation"] for r in results} >= {"tn", "unfold", "backpack"}
     assert "geo-mean speed-up" in capsys.readouterr().out
+
+
+def test_short_calls_are_timed_in_batches():
+    calls = []
+
+    def fn():
+        calls.append(None)
+
+    median_time(fn, torch.device("cpu"), repeats=2, warmup=1, loops=3)
+    assert len(calls) == 1 + 2 * 3
+
+    def slow():
+        time.sleep(0.002)
+
+    # a ≥ 2 ms call needs at most 5 calls for a 10 ms sample; a no-op needs many
+    assert 1 <= calls_per_sample(slow, torch.device("cpu"), 0.01) <= 5
+    assert calls_per_sample(fn, torch.device("cpu"), 0.01) > 5
+    medians = interleaved_medians({"fast": fn, "slow": slow}, torch.device("cpu"), 2)
+    assert medians["slow"] >= 0.002 > medians["fast"]

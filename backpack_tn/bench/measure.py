@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import statistics
 import time
 from typing import Callable, Dict, Optional
@@ -94,18 +95,24 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]
 
 
 def median_time(
-    fn: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1
+    fn: Callable[[], object],
+    device: torch.device,
+    repeats: int = 5,
+    warmup: int = 1,
+    loops: int = 1,
 ) -> float:
     """Median wall-clock time of ``fn`` in seconds.
 
     Args:
         fn: Zero-argument function to time.
         device: Device the computation runs on (CUDA uses events).
-        repeats: Number of timed calls.
+        repeats: Number of timed samples.
         warmup: Untimed calls before (plans, caches, allocator warm-up).
+        loops: Calls per timed sample (the sample is divided by it): sub-millisecond
+            calls are timed in batches, single calls that short are mostly noise.
 
     Returns:
-        The median time in seconds.
+        The median time per call in seconds.
     """
     for _ in range(warmup):
         fn()
@@ -115,19 +122,40 @@ def median_time(
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(loops):
+                fn()
             end.record()
             torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(start.elapsed_time(end) / 1e3 / loops)
         else:
             start_time = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start_time)
+            for _ in range(loops):
+                fn()
+            times.append((time.perf_counter() - start_time) / loops)
     return statistics.median(times)
 
 
+#: Each timed sample of :func:`interleaved_medians` lasts at least this long: calls
+#: shorter than that are repeated within the sample.
+MIN_SAMPLE_SECONDS = 0.01
+_MAX_LOOPS = 100
+
+
+def calls_per_sample(
+    fn: Callable[[], object], device: torch.device, min_seconds: float
+) -> int:
+    """How many calls of ``fn`` make one sample of at least ``min_seconds``."""
+    seconds = median_time(fn, device, repeats=1, warmup=0)
+    if seconds <= 0:
+        return _MAX_LOOPS
+    return max(1, min(_MAX_LOOPS, math.ceil(min_seconds / seconds)))
+
+
 def interleaved_medians(
-    fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int = 5
+    fns: Dict[str, Callable[[], object]],
+    device: torch.device,
+    repeats: int = 5,
+    min_seconds: float = MIN_SAMPLE_SECONDS,
 ) -> Dict[str, float]:
     """Median times of competing functions, measured in interleaved rounds.
 
@@ -141,17 +169,26 @@ def interleaved_medians(
         fns: Zero-argument functions by name.
         device: Device the computation runs on (CUDA uses events).
         repeats: Number of rounds.
+        min_seconds: Shortest sample: faster functions run several times per sample
+            (:func:`calls_per_sample`, at most 100 calls).
 
     Returns:
-        The median time in seconds per name.
+        The median time per call in seconds per name.
     """
     for fn in fns.values():
         fn()
+    # a second call measures the steady state and sizes the samples
+    loops = {
+        name: calls_per_sample(fn, device, min_seconds) for name, fn in fns.items()
+    }
     times: Dict[str, list] = {name: [] for name in fns}
     names = list(fns)
     for r in range(repeats):
         # rotate the order: whoever runs right after a different computation finds
         # colder caches, so no implementation should always be first
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name].append(median_time(fns[name], device, repeats=1, warmup=0))
+            sample = median_time(
+                fns[name], device, repeats=1, warmup=0, loops=loops[name]
+            )
+            times[name].append(sample)
     return {name: statistics.median(values) for name, values in times.items()}
