@@ -121,8 +121,16 @@ def _native(geometry: ConvGeometry, simplify: bool) -> Optional[dict]:
     That is zero padding, equal on both sides, 1–3 spatial dims, the simplified
     engine and no forced strategy (see :func:`backpack_tn.tn.evaluate.set_native`).
     """
+    if not (simplify and native_allowed()):
+        return None
+    return _native_arguments(geometry)
+
+
+@functools.lru_cache(maxsize=1024)
+def _native_arguments(geometry: ConvGeometry) -> Optional[dict]:
+    # cached: per call this is a few microseconds next to small kernels (read only)
     dims = geometry.dims
-    if not (simplify and native_allowed() and 1 <= len(dims) <= 3):
+    if not 1 <= len(dims) <= 3:
         return None
     if any(d.padding_mode != "zeros" or d.pad_left != d.pad_right for d in dims):
         return None
@@ -135,6 +143,38 @@ def _native(geometry: ConvGeometry, simplify: bool) -> Optional[dict]:
 
 
 _TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _convolution_backward(
+    grad_output: Tensor,
+    x: Optional[Tensor],
+    weight: Optional[Tensor],
+    native: dict,
+    shape: Sequence[int],
+) -> Tensor:
+    """Torch's convolution backward kernel: input or kernel gradient of ``shape``.
+
+    The input gradient where ``x`` is ``None``, the kernel's where ``weight`` is:
+    what ``torch.nn.grad.conv{N}d_input/weight`` run, without their Python wrapper
+    (microseconds that matter next to sub-millisecond kernels). The missing tensor
+    is only read for its shape, so an expanded scalar stands in for it.
+    """
+    want_input = x is None
+    placeholder = grad_output.new_empty(1).expand(*shape)
+    out = torch.ops.aten.convolution_backward(
+        grad_output,
+        placeholder if want_input else x,
+        weight if want_input else placeholder,
+        None,
+        native["stride"],
+        native["padding"],
+        native["dilation"],
+        False,
+        [0] * len(native["stride"]),
+        native["groups"],
+        [want_input, not want_input, False],
+    )
+    return out[0] if want_input else out[1]
 
 
 def _identity(tensor: Tensor) -> Tensor:
@@ -288,8 +328,7 @@ def input_vjp(
     _check_output(grad_output, "grad_output", geometry, 1)
     native = _native(geometry, simplify)
     if native is not None:
-        grad = getattr(torch.nn.grad, f"conv{len(input_shape) - 2}d_input")
-        return grad(input_shape, weight, grad_output, *native.values())
+        return _convolution_backward(grad_output, None, weight, native, input_shape)
     c_out = weight.shape[0]
     tensors = {
         "v": _group_input(grad_output, groups),
@@ -442,8 +481,7 @@ def weight_vjp(
     )
     native = _native(geometry, simplify)
     if native is not None and not per_sample:
-        grad = getattr(torch.nn.grad, f"conv{x.dim() - 2}d_weight")
-        return grad(x, weight_shape, grad_output, *native.values())
+        return _convolution_backward(grad_output, x, None, native, weight_shape)
 
     def tn() -> Tensor:
         out = _run("weight_vjp", geometry, simplify, tensors, per_sample=per_sample)

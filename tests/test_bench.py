@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from backpack_tn.bench import report
+from backpack_tn.bench import measure, report
 from backpack_tn.bench.__main__ import main as bench_main
 from backpack_tn.bench.baselines import (
     OPERATIONS,
@@ -158,3 +158,15 @@ def test_short_calls_are_timed_in_batches():
     assert calls_per_sample(fn, torch.device("cpu"), 0.01) > 5
     medians = interleaved_medians({"fast": fn, "slow": slow}, torch.device("cpu"), 2)
     assert medians["slow"] >= 0.002 > medians["fast"]
+
+
+def test_round_order_balances_predecessors():
+    names = ["a", "b", "c"]
+    follows = {}
+    for r in range(12):
+        order = measure._round_order(names, r)
+        assert sorted(order) == names  # every function once per round
+        for before, after in zip(order, order[1:]):
+            follows[(before, after)] = follows.get((before, after), 0) + 1
+    # plain rotation would only ever produce a→b, b→c, c→a within rounds
+    assert len(follows) == 6 and max(follows.values()) == min(follows.values())

@@ -46,6 +46,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--max-layers", type=int, help="only the first N layers (quick runs)"
     )
+    parser.add_argument(
+        "--skip-layers",
+        type=int,
+        default=0,
+        help="skip the first N layers (split a long run into parts; the report "
+        "command accepts several JSON files)",
+    )
     parser.add_argument("--ops", nargs="+", choices=OPERATIONS, default=OPERATIONS)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
@@ -71,6 +78,7 @@ def main(argv=None) -> int:
         layers = [layer for layer in ENGINE_LAYERS if layer.name in wanted]
     if args.models:
         layers += zoo_layers(args.models)
+    layers = layers[args.skip_layers :]
     if args.max_layers:
         layers = layers[: args.max_layers]
     results = run_layers(

@@ -140,15 +140,33 @@ def median_time(
 MIN_SAMPLE_SECONDS = 0.01
 _MAX_LOOPS = 100
 
+#: Samples of calls shorter than this start with (up to five) untimed calls.
+WARM_BELOW_SECONDS = 0.1
+
 
 def calls_per_sample(
     fn: Callable[[], object], device: torch.device, min_seconds: float
 ) -> int:
     """How many calls of ``fn`` make one sample of at least ``min_seconds``."""
-    seconds = median_time(fn, device, repeats=1, warmup=0)
+    return _loops(median_time(fn, device, repeats=1, warmup=0), min_seconds)
+
+
+def _loops(seconds: float, min_seconds: float) -> int:
     if seconds <= 0:
         return _MAX_LOOPS
     return max(1, min(_MAX_LOOPS, math.ceil(min_seconds / seconds)))
+
+
+def _round_order(names: list, r: int) -> list:
+    """Order of round ``r``: rotated, and reversed every other round.
+
+    Rotation alone keeps the cyclic order, so every function would always follow
+    the same other one (and inherit its cache and allocator state); reversing every
+    second round makes each follow each other equally often.
+    """
+    shift = (r // 2) % len(names)
+    order = names[shift:] + names[:shift]
+    return order[::-1] if r % 2 else order
 
 
 def interleaved_medians(
@@ -159,8 +177,8 @@ def interleaved_medians(
 ) -> Dict[str, float]:
     """Median times of competing functions, measured in interleaved rounds.
 
-    Each round times every function once, in an order rotated from round to round,
-    so slow drifts of a shared machine (other
+    Each round times every function once, in an order rotated (and reversed every
+    other round) from round to round, so slow drifts of a shared machine (other
     processes, frequency scaling) hit all implementations alike instead of whichever
     happens to be measured during a busy spell. Every function is called once first
     (warm-up: plans, caches, autotuning).
@@ -178,17 +196,19 @@ def interleaved_medians(
     for fn in fns.values():
         fn()
     # a second call measures the steady state and sizes the samples
-    loops = {
-        name: calls_per_sample(fn, device, min_seconds) for name, fn in fns.items()
-    }
+    single = {name: median_time(fn, device, 1, warmup=0) for name, fn in fns.items()}
+    loops = {name: _loops(seconds, min_seconds) for name, seconds in single.items()}
     times: Dict[str, list] = {name: [] for name in fns}
     names = list(fns)
     for r in range(repeats):
-        # rotate the order: whoever runs right after a different computation finds
-        # colder caches, so no implementation should always be first
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+        for name in _round_order(names, r):
+            # The first calls after another implementation's big allocations were
+            # freed pay page faults and cold caches (measured: 3–4 calls of a 0.3 ms
+            # convolution at up to 4× after einconv): untimed calls absorb that where
+            # they are cheap.
+            warmup = min(loops[name], 5) if single[name] < WARM_BELOW_SECONDS else 0
             sample = median_time(
-                fns[name], device, repeats=1, warmup=0, loops=loops[name]
+                fns[name], device, repeats=1, warmup=warmup, loops=loops[name]
             )
             times[name].append(sample)
     return {name: statistics.median(values) for name, values in times.items()}

@@ -7,6 +7,7 @@ hashable objects defined here, so they double as cache keys.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence, Tuple, Union
 
 IntOrTuple = Union[int, Sequence[int]]
@@ -95,17 +96,26 @@ class ConvGeometry:
     dims: Tuple[DimGeometry, ...]
     groups: int
 
-    @property
+    # Geometries key every cache of a call: their hash and sizes are computed once
+    # (immutable, so caching is safe; equality still compares the fields).
+    def __hash__(self) -> int:
+        return self._hash
+
+    @cached_property
+    def _hash(self) -> int:
+        return hash((self.dims, self.groups))
+
+    @cached_property
     def input_size(self) -> Tuple[int, ...]:
         """Unpadded spatial input sizes."""
         return tuple(d.input_size for d in self.dims)
 
-    @property
+    @cached_property
     def kernel_size(self) -> Tuple[int, ...]:
         """Kernel sizes."""
         return tuple(d.kernel_size for d in self.dims)
 
-    @property
+    @cached_property
     def output_size(self) -> Tuple[int, ...]:
         """Spatial output sizes."""
         return tuple(d.output_size for d in self.dims)
