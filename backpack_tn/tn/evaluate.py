@@ -161,7 +161,7 @@ def force_strategy(strategy: Optional[str]) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class ContractionPlan:
-    """A planned contraction: the compiled expression and its cost estimates."""
+    """A planned contraction: its executor (operands -> result) and cost estimates."""
 
     expression: Callable
     flops: float
@@ -170,6 +170,28 @@ class ContractionPlan:
 
 _PLANS: LRUCache[ContractionPlan] = LRUCache("contractions", maxsize=1024)
 _PLANNING_SECONDS = [0.0]  # total time spent planning; autotuning discounts it
+
+
+def _pairwise(contraction_list) -> Callable:
+    """Run ``opt_einsum``'s planned steps as direct ``torch.einsum`` calls.
+
+    Each step has one or two operands, which ``torch.einsum`` contracts in C++
+    without planning; ``opt_einsum``'s own executor adds tens of microseconds of
+    Python per step (character conversion, ``tensordot`` reshapes), which decides
+    sub-millisecond problems.
+    """
+    steps = tuple((tuple(inds), equation) for inds, _, equation, *_ in contraction_list)
+
+    def run(*operands: Tensor) -> Tensor:
+        operands = list(operands)
+        for inds, equation in steps:
+            # ``inds`` are sorted descending, the order of ``equation``'s inputs
+            picked = [operands.pop(i) for i in inds]
+            operands.append(torch.einsum(equation, *picked))
+        return operands[0]
+
+    run.steps = len(steps)
+    return run
 
 
 def _plan(equation: str, shapes: Sequence[Shape], dtype, device) -> ContractionPlan:
@@ -186,7 +208,9 @@ def _plan(equation: str, shapes: Sequence[Shape], dtype, device) -> ContractionP
             equation, *shapes, optimize=info.path
         )
         return ContractionPlan(
-            expression, float(info.opt_cost), int(info.largest_intermediate)
+            _pairwise(expression.contraction_list),
+            float(info.opt_cost),
+            int(info.largest_intermediate),
         )
 
     return _PLANS.get_or_create((equation, tuple(shapes), dtype, device), create)
@@ -260,7 +284,7 @@ def _contract(net: TensorNetwork, operands: list) -> Tensor:
     tensor = operands[0]
     shapes = [tuple(o.shape) for o in operands]
     plan = _plan(net.equation, shapes, tensor.dtype, tensor.device)
-    result = plan.expression(*operands, backend="torch")
+    result = plan.expression(*operands)
     if net.square_sum:
         out = net.kept(net.output)
         dims = tuple(out.index(a) for a in net.square_sum if a in out)
@@ -348,9 +372,7 @@ def candidates(
         taps = math.prod(
             p.geometry.kernel_size for p in net.plans if p.kind == "window"
         )
-        calls = len(plan.expression.contraction_list) + sum(
-            n for n, _ in windowed.values()
-        )
+        calls = plan.expression.steps + sum(n for n, _ in windowed.values())
         epilogue = 0.0
         if net.square_sum:
             sizes = _axis_sizes(net, shapes)
