@@ -24,6 +24,7 @@ from torch import Tensor
 from backpack_tn.tn.conv import networks
 from backpack_tn.tn.evaluate import evaluate, fastest, native_allowed
 from backpack_tn.tn.geometry import ConvGeometry, IntOrTuple, Padding, make_geometry
+from backpack_tn.tn.shifts import shift_gram, supports_shift_gram
 
 __all__ = [
     "conv",
@@ -562,7 +563,18 @@ def kfac_input_factor(
     geometry, grouped = _kfac_input(
         x, kernel_size, stride, padding, dilation, groups, padding_mode, groups_mode
     )
-    out = _run("kfac_input", geometry, simplify, {"x": grouped}, approx=approx)
+
+    def tn() -> Tensor:
+        return _run("kfac_input", geometry, simplify, {"x": grouped}, approx=approx)
+
+    if approx == "expand" and simplify and supports_shift_gram(geometry):
+        # stride 1: the shift-structured Gram needs far fewer products; which one
+        # is faster depends on the shapes (small maps favour the TN), so measure
+        key = ("kfac_shift", tuple(grouped.shape), geometry, x.dtype, x.device)
+        shifted = functools.partial(shift_gram, grouped.transpose(0, 1), geometry)
+        out = fastest(key, [tn, shifted], x.device)
+    else:
+        out = tn()
     scale = 1.0 / x.shape[0]
     if approx == "reduce":
         scale /= math.prod(geometry.output_size) ** 2
