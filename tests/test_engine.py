@@ -363,6 +363,33 @@ def test_autotune_picks_once_and_stays_correct(case: Case):
     assert tuned.size == 1 and again.hits == tuned.hits + 1
 
 
+def test_autotune_choice_is_per_geometry():
+    """Strides 1 and 2 over one input share equations and input shapes, not a choice.
+
+    (A stride-1 layer's choice was once reused for the stride-2 layer after it, 4x
+    slower there.)
+    """
+    from backpack_tn.tn.evaluate import get_autotune, set_autotune
+
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    enabled, threshold = get_autotune()
+    clear_caches()
+    try:
+        set_autotune(True, min_flops=0)
+        results = {}
+        for stride in (1, 2):
+            results[stride] = tnf.kfac_input_factor(
+                x, 3, stride=stride, padding=1, simplify=True
+            )
+        tuned = cache_stats()["autotune"]
+    finally:
+        set_autotune(enabled, threshold)
+    for stride, result in results.items():
+        u = F.unfold(x, 3, padding=1, stride=stride)
+        close(result, torch.einsum("nio,njo->ij", u, u) / x.shape[0])
+    assert tuned.size == 2
+
+
 @pytest.mark.parametrize("groups, c_in", [(1, 2), (8, 8)], ids=["narrow", "depthwise"])
 def test_per_sample_kernel_choice_is_measured_once(groups, c_in):
     """Few channels per group: TN vs BackPACK's grouped-conv trick, timed once."""

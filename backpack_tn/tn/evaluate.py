@@ -330,6 +330,7 @@ class Candidate:
     executor: str
     cost: float
     largest_intermediate: int
+    shapes: Tuple[Shape, ...] = ()  # operand shapes (patterns included)
 
     @property
     def strategy(self) -> str:
@@ -379,7 +380,10 @@ def candidates(
             epilogue = float(math.prod(sizes[a] for a in net.kept(net.output)))
         base = plan.flops + epilogue
         cost = base + COPY_COST * copied + CALL_COST * calls
-        result.append(Candidate(net, "einsum", cost, plan.largest_intermediate))
+        op_shapes = tuple(op_shapes)
+        result.append(
+            Candidate(net, "einsum", cost, plan.largest_intermediate, op_shapes)
+        )
         if supports_taps(net):
             # every tap reads a strided slice of the input and the output-side
             # operands restricted to the tap's valid outputs (BLAS copies both)
@@ -390,7 +394,9 @@ def candidates(
                 and any(a.startswith("o") for a in op.axes)
             )
             cost = base + COPY_COST * (copied + taps * others) + CALL_COST * 4 * taps
-            result.append(Candidate(net, "taps", cost, plan.largest_intermediate))
+            result.append(
+                Candidate(net, "taps", cost, plan.largest_intermediate, op_shapes)
+            )
     forced = _SETTINGS["forced"]
     if forced is not None:
         result = [c for c in result if c.strategy == forced] or result
@@ -583,7 +589,9 @@ def evaluate(
     formulations, options, cheapest = _CANDIDATES.get_or_create(
         options_key, lambda: _rank(formulations, shapes, dtype, device)
     )
-    key = (tuple((c.network.equation, c.executor) for c in options), key)
+    # The equations and input shapes alone do not identify a problem: two strides
+    # over the same input share both (the pattern operands' shapes tell them apart).
+    key = (tuple((c.network.equation, c.executor, c.shapes) for c in options), key)
     tune = (
         _SETTINGS["autotune"]
         and len(options) > 1
