@@ -130,12 +130,7 @@ def shift_gram(x: Tensor, geometry: ConvGeometry) -> Tensor:
             length = (b - a) * row
             first = padded[..., start : start + length]
             second = padded[..., start + shift : start + shift + length]
-            rows = torch.stack(
-                [
-                    torch.bmm(first[i], second[i].transpose(1, 2)).sum(0)
-                    for i in range(batch)
-                ]
-            )  # [B, C, C]
+            rows = _row_sum(first, second)  # [B, C, C]
             rest = [range(len(p.segments)) for p in plans[1:]]
             for index in itertools.product(*rest):
                 if index == bulk:
@@ -151,6 +146,21 @@ def shift_gram(x: Tensor, geometry: ConvGeometry) -> Tensor:
             gram[(slice(None), slice(None), *taps, slice(None), *partners)] = total
     size = channels * math.prod(kernel)
     return gram.reshape(batch, size, size)
+
+
+def _row_sum(first: Tensor, second: Tensor) -> Tensor:
+    """``Σ_{n,i} first[b, n, c, i] · second[b, n, d, i]`` for strided ``[B, N, C, L]``.
+
+    Per sample a GEMM straight on the strided views, then a sum of ``N`` ``C × C``
+    results; where those results outweigh the operands (``C > 2L``, small maps of
+    wide layers), one GEMM over copies of both operands is cheaper.
+    """
+    channels, length = first.shape[2], first.shape[3]
+    if channels > 2 * length:
+        return torch.einsum("bnci,bndi->bcd", first, second)
+    return torch.stack(
+        [torch.bmm(a, b.transpose(1, 2)).sum(0) for a, b in zip(first, second)]
+    )
 
 
 def _length(segment: Tuple[int, int]) -> int:
