@@ -54,6 +54,20 @@ class Case:
             padding_mode=self.padding_mode,
         )
 
+    def geometry(self):
+        """The engine's geometry of this configuration."""
+        from backpack_tn.tn import make_geometry
+
+        return make_geometry(
+            self.size,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.padding_mode,
+        )
+
     def module(self, dtype=torch.float64, bias=True) -> nn.Module:
         torch.manual_seed(1)
         return CONV[self.dims](

@@ -178,15 +178,7 @@ def test_batch_l2_formulations_agree(case: Case):
     """Both batch-L2 formulations (per-sample and Gram) are right."""
     module, x, _, grad_out, _, _ = forward_with_grads(case)
     expected = per_sample_grads(case, module, x, grad_out).pow(2).flatten(1).sum(1)
-    geometry = make_geometry(
-        x.shape[2:],
-        case.kernel_size,
-        case.stride,
-        case.padding,
-        case.dilation,
-        case.groups,
-        case.padding_mode,
-    )
+    geometry = case.geometry()
     g = case.groups
     tensors = {
         "x": x.reshape(x.shape[0], g, -1, *x.shape[2:]),

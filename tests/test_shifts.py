@@ -81,19 +81,7 @@ def test_shift_gram_refuses_what_it_cannot_do(stride, padding_mode, kernel):
         shift_gram(torch.zeros(1, 1, 1, 8, 8), geometry)
 
 
-def _geometry(case: Case):
-    return make_geometry(
-        case.size,
-        case.kernel_size,
-        case.stride,
-        case.padding,
-        case.dilation,
-        case.groups,
-        case.padding_mode,
-    )
-
-
-STRIDE_ONE = [c for c in CASES if supports_shift_gram(_geometry(c))]
+STRIDE_ONE = [c for c in CASES if supports_shift_gram(c.geometry())]
 
 
 @pytest.mark.parametrize("groups_mode", ["average", "separate"])

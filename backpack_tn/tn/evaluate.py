@@ -412,12 +412,13 @@ def _window_cost(
     if drop or not supports_direct_windows(op, net.plans):
         return 1, elements  # views, then one contiguous copy
     lead = tuple(source[: len(source) - len(net.plans)])
-    mode = unfold_mode(lead, window_dims(net.plans), op, op.layout, len(net.plans))
+    dims = window_dims(net.plans)
+    mode = unfold_mode(lead, dims, op, op.layout, len(net.plans))
     if mode == "natural":
         return 1, elements
     if mode == "permuted":
         return 2, 2 * elements
-    return math.prod(d.kernel_size for d in window_dims(net.plans)), elements
+    return math.prod(d.kernel_size for d in dims), elements
 
 
 def _chunks(candidate: Candidate, shapes: Mapping[str, Shape], dtype) -> int:

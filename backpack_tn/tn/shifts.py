@@ -21,7 +21,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, Sequence, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
@@ -122,17 +122,17 @@ def shift_gram(x: Tensor, geometry: ConvGeometry) -> Tensor:
         # the largest segment of every trailing dimension: its boxes come from the
         # whole-row sums minus the (thin) other boxes
         bulk = tuple(
-            max(range(len(p.segments)), key=lambda i, p=p: -_length(p.segments[i]))
+            max(range(len(p.segments)), key=lambda i, p=p: _length(p.segments[i]))
             for p in plans[1:]
         )
+        rest = list(itertools.product(*(range(len(p.segments)) for p in plans[1:])))
         for s1, (a, b) in enumerate(plans[0].segments):
             start = (a + 1) * row  # whole padded rows a, …, b − 1
             length = (b - a) * row
             first = padded[..., start : start + length]
             second = padded[..., start + shift : start + shift + length]
             rows = _row_sum(first, second)  # [B, C, C]
-            rest = [range(len(p.segments)) for p in plans[1:]]
-            for index in itertools.product(*rest):
+            for index in rest:
                 if index == bulk:
                     continue
                 boxes[(s1, *index)] = _box(x, plans, (s1, *index), lead)
@@ -177,17 +177,4 @@ def _box(x: Tensor, plans, index, lead) -> Tensor:
     return torch.einsum("bnc...,bnd...->bcd", x[first], x[second])
 
 
-def shift_gram_flops(geometry: ConvGeometry, batch: int, channels: int) -> Dict:
-    """Multiply-adds of :func:`shift_gram` vs the plain Gram (for cost estimates)."""
-    dims = geometry.dims
-    kernel = tuple(d.kernel_size for d in dims)
-    shifted = 0
-    for offset in itertools.product(*(range(1 - k, k) for k in kernel)):
-        plans = [_dim_shift(d, o) for d, o in zip(dims, offset)]
-        shifted += math.prod(sum(e - s for s, e in p.segments) for p in plans)
-    plain = math.prod(kernel) ** 2 * math.prod(d.output_size for d in dims)
-    per_position = batch * channels**2
-    return {"shift": shifted * per_position, "plain": plain * per_position}
-
-
-__all__: Sequence[str] = ["shift_gram", "supports_shift_gram", "shift_gram_flops"]
+__all__ = ["shift_gram", "supports_shift_gram"]

@@ -182,7 +182,8 @@ def unfold_mode(
 
     ``F.unfold`` applies to 1 or 2 spatial dims, all zero-padded windows whose padding
     it reproduces. Its output order is ``lead…, k…, o…``; another layout costs one
-    permuted copy, worth it only for small operands (see ``_small``).
+    permuted copy, worth it only for small operands
+    (:data:`SMALL_WINDOW_ELEMENTS_PER_TAP`).
 
     Args:
         lead_shape: Shape of the source's leading (non-spatial) axes.
@@ -207,7 +208,8 @@ def unfold_mode(
     if tuple(layout) == _natural_layout(op, lead, num):
         return "natural"
     outputs = math.prod(d.output_size for d in dims)
-    return "permuted" if _small(math.prod(lead_shape) * outputs) else None
+    small = math.prod(lead_shape) * outputs <= SMALL_WINDOW_ELEMENTS_PER_TAP
+    return "permuted" if small else None
 
 
 def _natural_layout(op: Operand, lead: int, num: int) -> Tuple[str, ...]:
@@ -249,10 +251,6 @@ def _torch_unfold(
 #: calls and two passes (≈ 1.5 ns per element). Measured crossover on a 2-core EPYC
 #: CPU: ≈ 16k elements per tap (3×3 and 7×7 kernels, 1–16 channels).
 SMALL_WINDOW_ELEMENTS_PER_TAP = 1 << 14
-
-
-def _small(elements_per_tap: int) -> bool:
-    return elements_per_tap <= SMALL_WINDOW_ELEMENTS_PER_TAP
 
 
 def _identity_dim() -> WindowDim:
