@@ -23,6 +23,7 @@ off. Finally, if the chosen plan's largest intermediate exceeds the memory budge
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from contextlib import contextmanager
@@ -469,15 +470,47 @@ def _execute(
 
 _TUNED: LRUCache[int] = LRUCache("autotune", maxsize=1024)
 
-#: Autotuning times every candidate at least twice (the first run pays one-time
-#: costs) and, for cheap candidates, until this much time was spent (at most
-#: ``_MAX_RUNS`` runs): single runs of millisecond kernels are too noisy to rank.
+#: Autotuning times the candidates in interleaved rounds (A B, B A, A B, ...), at
+#: least ``_MIN_ROUNDS`` of them and, for cheap candidates, until each one spent
+#: this much time (at most ``_MAX_ROUNDS``); a candidate's fastest run counts. Timing
+#: one candidate after the other let a noisy spell (another process, page faults)
+#: hit one candidate only and fix a wrong choice for the rest of the process.
 _MIN_MEASURE_SECONDS = 0.02
-_MAX_RUNS = 10
+_MIN_ROUNDS = 3
+_MAX_ROUNDS = 10
 
 
-def _measure_again(runs: int, spent: float) -> bool:
-    return runs < 2 or (spent < _MIN_MEASURE_SECONDS and runs < _MAX_RUNS)
+def _time_interleaved(
+    runs: Sequence[Callable[[], Tensor]], device: torch.device
+) -> Tuple[Tensor, int]:
+    """Time equivalent runs in interleaved rounds; return the fastest's result, index.
+
+    The first run of a candidate pays one-time costs (fresh allocations, cold
+    caches) and the minimum over rounds discards them. Planning time (first use of
+    an einsum expression) is discounted. At most two results are alive at once:
+    the fastest run's so far and the one being timed.
+    """
+    spent = [0.0] * len(runs)
+    winner, winner_time, winner_result = 0, math.inf, None
+    rounds = 0
+    while rounds < _MIN_ROUNDS or (
+        rounds < _MAX_ROUNDS and min(spent) < _MIN_MEASURE_SECONDS
+    ):
+        order = range(len(runs)) if rounds % 2 == 0 else reversed(range(len(runs)))
+        for i in order:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start, planning = time.perf_counter(), _PLANNING_SECONDS[0]
+            result = runs[i]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - start - (_PLANNING_SECONDS[0] - planning)
+            spent[i] += elapsed
+            if elapsed < winner_time:
+                winner, winner_time, winner_result = i, elapsed, result
+            del result
+        rounds += 1
+    return winner_result, winner
 
 
 def _autotune(
@@ -488,29 +521,14 @@ def _autotune(
 ) -> Tuple[Tensor, int]:
     """Time every candidate; return the fastest one's result and index.
 
-    Each candidate runs at least twice (cheap ones until ``_MIN_MEASURE_SECONDS``)
-    and its fastest run counts: the first run of a candidate pays one-time costs
-    (fresh allocations, cold caches) that say nothing about the steady state.
-    Planning time is discounted.
+    See :func:`_time_interleaved`.
     """
-    best_result, best_index, best_time = None, -1, math.inf
     dtype = next(iter(tensors.values())).dtype
-    for i, candidate in enumerate(options):
-        chunks = _chunks(candidate, shapes, dtype)
-        seconds, spent, runs = math.inf, 0.0, 0
-        while _measure_again(runs, spent):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start, planning = time.perf_counter(), _PLANNING_SECONDS[0]
-            result = _execute(candidate, tensors, chunks)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - start - (_PLANNING_SECONDS[0] - planning)
-            seconds, spent, runs = min(seconds, elapsed), spent + elapsed, runs + 1
-        if seconds < best_time:
-            best_result, best_index, best_time = result, i, seconds
-        del result  # keep at most two results alive
-    return best_result, best_index
+    runs = [
+        functools.partial(_execute, c, tensors, _chunks(c, shapes, dtype))
+        for c in options
+    ]
+    return _time_interleaved(runs, device)
 
 
 _CANDIDATES: LRUCache[tuple] = LRUCache("candidates", maxsize=1024)
@@ -523,9 +541,9 @@ def fastest(
     """Run the fastest of equivalent computations, measured once per ``key``.
 
     For choices outside one tensor network (e.g. a TN vs a torch kernel): on the
-    first call for ``key`` every run is timed at least twice (its fastest run
-    counts) and the winner is cached; afterwards only the winner runs. Without
-    autotuning (or with a forced strategy) the first run is used.
+    first call for ``key`` the runs are timed in interleaved rounds (see
+    :func:`_time_interleaved`) and the winner is cached; afterwards only the winner
+    runs. Without autotuning (or with a forced strategy) the first run is used.
 
     Args:
         key: Identifies the problem (shapes, hyper-parameters, dtype, device).
@@ -540,22 +558,8 @@ def fastest(
     index = _FASTEST.get(key)
     if index is not None:
         return runs[index]()
-    best, best_time, result = 0, math.inf, None
-    for i, run in enumerate(runs):
-        seconds, spent, count = math.inf, 0.0, 0
-        while _measure_again(count, spent):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            out = run()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - start
-            seconds, spent, count = min(seconds, elapsed), spent + elapsed, count + 1
-        if seconds < best_time:
-            best, best_time, result = i, seconds, out
-        del out
-    _FASTEST.put(key, best)
+    result, index = _time_interleaved(runs, device)
+    _FASTEST.put(key, index)
     return result
 
 
