@@ -219,3 +219,24 @@ def test_batch_l2_and_sum_grad_squared(case, simplify):
         x, grad_out, case.kernel_size, simplify=simplify, **case.hyper
     )
     close(sgs, grads.pow(2).sum(0))
+
+
+@pytest.mark.parametrize(
+    "shape, groups",
+    [
+        ((2, 6, 5, 5), 3),
+        ((3, 8, 7), 8),
+        ((4, 96, 64, 64), 96),
+        ((2, 64, 32, 24, 20), 4),
+    ],
+    ids=["small", "small-1d-depthwise", "large-depthwise", "large-3d"],
+)
+def test_group_average(shape, groups):
+    """Both ways of averaging (reduction, and the GEMM for large CPU inputs)."""
+    x = torch.randn(*shape, dtype=torch.float64)
+    per_group = x.shape[1] // groups
+    expected = (
+        sum(x[:, g * per_group : (g + 1) * per_group] for g in range(groups)) / groups
+    )
+    close(tnf.group_average(x, groups), expected)
+    assert tnf.group_average(x, 1) is x

@@ -84,14 +84,6 @@ def _num_positions(module: Module, x: Tensor) -> int:
     return math.prod(geometry.output_size)
 
 
-def _group_average(x: Tensor, groups: int) -> Tensor:
-    """Average the input over channel groups (curvlinops' grouped-conv convention)."""
-    if groups == 1:
-        return x
-    n, c = x.shape[:2]
-    return x.reshape(n, groups, c // groups, *x.shape[2:]).mean(1)
-
-
 def _check_single_input(inputs: Tuple[Tensor, ...]) -> Tensor:
     if len(inputs) != 1:
         raise ValueError("Modules with multiple inputs are not supported.")
@@ -246,7 +238,7 @@ def _conv_corrected_eigenvalues(
     def corrections(with_weight: bool, with_bias: bool) -> Tensor:
         if not with_weight:
             return g_rot.sum(2).square_().sum(0)
-        x_bar = _group_average(op._cached_activations[module_name], module.groups)
+        x_bar = tnf.group_average(op._cached_activations[module_name], module.groups)
         d_out, d_in = q_out.shape[0], q_in.shape[0]
         result = None
         for rows in _chunks(batch_size, d_out * d_in * g.element_size()):

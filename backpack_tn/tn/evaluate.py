@@ -34,6 +34,7 @@ import opt_einsum
 import torch
 from torch import Tensor
 
+from backpack_tn.tn import windows
 from backpack_tn.tn.cache import LRUCache
 from backpack_tn.tn.network import Operand, TensorNetwork
 from backpack_tn.tn.patterns import index_pattern
@@ -44,6 +45,7 @@ from backpack_tn.tn.windows import (
     supports_direct_windows,
     supports_taps,
     unfold_mode,
+    window_builder,
     window_dims,
 )
 
@@ -286,13 +288,16 @@ def _contract(net: TensorNetwork, operands: list) -> Tensor:
     shapes = [tuple(o.shape) for o in operands]
     plan = _plan(net.equation, shapes, tensor.dtype, tensor.device)
     result = plan.expression(*operands)
-    if net.square_sum:
-        out = net.kept(net.output)
-        dims = tuple(out.index(a) for a in net.square_sum if a in out)
-        # The contraction result is fresh memory unless it aliases an operand.
-        fresh = all(result.data_ptr() != t.data_ptr() for t in operands)
-        result = (result.pow_(2) if fresh else result.pow(2)).sum(dims)
-    return result
+    return _square_sum(net, result, operands) if net.square_sum else result
+
+
+def _square_sum(net: TensorNetwork, result: Tensor, operands: list) -> Tensor:
+    """The epilogue of a squared network: square, then sum the squared axes."""
+    out = net.kept(net.output)
+    dims = tuple(out.index(a) for a in net.square_sum if a in out)
+    # The contraction result is fresh memory unless it aliases an operand.
+    fresh = all(result.data_ptr() != t.data_ptr() for t in operands)
+    return (result.pow_(2) if fresh else result.pow(2)).sum(dims)
 
 
 # --- executors -----------------------------------------------------------------------
@@ -531,8 +536,81 @@ def _autotune(
     return _time_interleaved(runs, device)
 
 
+def _prepared_einsum(candidate: Candidate, shapes: Mapping[str, Shape]) -> Callable:
+    """``_run_einsum`` specialised to one candidate and one set of input shapes.
+
+    What ``_materialise_all`` and ``_contract`` decide per call (which operands are
+    shared, how a window operand is unfolded, the contraction plan, the epilogue) is
+    decided here once; the returned function runs the torch calls only.
+    """
+    net = candidate.network
+    builders: list = []  # (source name, tensor -> operand)
+    slots: list = []  # per operand: index into the built list, or a pattern reference
+    shared: Dict[tuple, int] = {}
+    for op in net.operands:
+        if op.source is None:
+            slots.append(op.pattern)
+            continue
+        drop = tuple(p for p, a in enumerate(op.axes) if a in net.dropped)
+        layout = None if op.layout is None else tuple(map(op.axes.index, op.layout))
+        key = (op.source, op.views, drop, layout)
+        if key not in shared:
+            if (
+                op.layout is not None
+                and not drop
+                and supports_direct_windows(op, net.plans)
+            ):
+                build = window_builder(shapes[op.source], op, net.plans, op.layout)
+            else:
+                build = functools.partial(_prepare_operand, net, op, drop=drop)
+            shared[key] = len(builders)
+            builders.append((op.source, build))
+        slots.append(shared[key])
+    plan: list = []  # the contraction plan, looked up on the first call
+
+    def run(tensors: Mapping[str, Tensor]) -> Tensor:
+        built = [build(tensors[source]) for source, build in builders]
+        any_tensor = built[0] if built else next(iter(tensors.values()))
+        operands = [
+            built[s]
+            if isinstance(s, int)
+            else index_pattern(
+                s.geometry,
+                rows=s.rows,
+                reduced=s.reduced,
+                dtype=any_tensor.dtype,
+                device=any_tensor.device,
+            )
+            for s in slots
+        ]
+        if not plan:
+            shapes = [tuple(o.shape) for o in operands]
+            plan.append(
+                _plan(net.equation, shapes, any_tensor.dtype, any_tensor.device)
+            )
+        if not net.square_sum:
+            return plan[0].expression(*operands)
+        return _square_sum(net, plan[0].expression(*operands), operands)
+
+    return run
+
+
+def _prepared(candidate: Candidate, shapes: Mapping[str, Shape], chunks: int):
+    """The chosen candidate as a function of the tensors, result embedded."""
+    if candidate.executor == "einsum" and chunks == 1:
+        run = _prepared_einsum(candidate, shapes)
+    else:
+        run = functools.partial(_execute, candidate, chunks=chunks)
+    net = candidate.network
+    if not net.output_views:
+        return run
+    sizes = tuple(p.geometry.input_size for p in net.plans)
+    return lambda tensors: embed(run(tensors), net.output_views, sizes)
+
+
 _CANDIDATES: LRUCache[tuple] = LRUCache("candidates", maxsize=1024)
 _FASTEST: LRUCache[int] = LRUCache("kernel-choice", maxsize=1024)
+_PREPARED: LRUCache[Callable] = LRUCache("prepared", maxsize=1024)
 
 
 def fastest(
@@ -589,7 +667,20 @@ def evaluate(
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     key = (tuple(sorted(shapes.items())), dtype, device)
     # ``formulations`` come from a cache and are immutable: key by identity; the
-    # entry keeps them alive, so the identity cannot be reused while cached.
+    # entries keep them alive, so the identity cannot be reused while cached.
+    # Every setting that changes the choice is part of the key.
+    prepared_key = (
+        id(formulations),
+        key,
+        _SETTINGS["forced"],
+        _SETTINGS["autotune"],
+        _SETTINGS["autotune_min_flops"],
+        _SETTINGS["budget"],
+        windows.SMALL_WINDOW_ELEMENTS_PER_TAP,
+    )
+    prepared = _PREPARED.get(prepared_key)
+    if prepared is not None:
+        return prepared(tensors)
     options_key = (id(formulations), _SETTINGS["forced"], key)
     formulations, options, cheapest = _CANDIDATES.get_or_create(
         options_key, lambda: _rank(formulations, shapes, dtype, device)
@@ -602,23 +693,24 @@ def evaluate(
         and len(options) > 1
         and options[cheapest].cost >= _SETTINGS["autotune_min_flops"]
     )
-    if not tune:
-        best = options[cheapest]
-        result = _execute(best, tensors, _chunks(best, shapes, dtype))
+    index = _TUNED.get(key) if tune else cheapest
+    if index is None:  # first call: measure the plausible candidates
+        bound = AUTOTUNE_PRUNE * options[cheapest].cost
+        plausible = [i for i, c in enumerate(options) if c.cost <= bound]
+        result, pick = _autotune(
+            [options[i] for i in plausible], tensors, shapes, device
+        )
+        index = plausible[pick]
+        _TUNED.put(key, index)
     else:
-        index = _TUNED.get(key)
-        if index is None:  # first call: measure the plausible candidates
-            bound = AUTOTUNE_PRUNE * options[cheapest].cost
-            plausible = [i for i, c in enumerate(options) if c.cost <= bound]
-            result, pick = _autotune(
-                [options[i] for i in plausible], tensors, shapes, device
-            )
-            index = plausible[pick]
-            _TUNED.put(key, index)
-            best = options[index]
-        else:
-            best = options[index]
-            result = _execute(best, tensors, _chunks(best, shapes, dtype))
+        result = None
+    best = options[index]
+    # later calls with these shapes run the choice directly (plan once, run many)
+    prepared = _prepared(best, shapes, _chunks(best, shapes, dtype))
+    prepared.formulations = formulations  # keeps the identity in the key alive
+    _PREPARED.put(prepared_key, prepared)
+    if result is None:
+        return prepared(tensors)
     net = best.network
     if net.output_views:
         sizes = tuple(p.geometry.input_size for p in net.plans)

@@ -171,12 +171,52 @@ def im2col(
     return buffer
 
 
+def window_builder(
+    shape: Tuple[int, ...],
+    op: Operand,
+    plans: Tuple[DimPlan, ...],
+    layout: Tuple[str, ...],
+) -> Callable[[Tensor], Tensor]:
+    """:func:`im2col` specialised to sources of one shape: the torch calls only.
+
+    Args:
+        shape: Shape of the source tensor.
+        op: The window operand.
+        plans: Per-dimension plans of the formulation.
+        layout: Axis order of the result.
+
+    Returns:
+        A function of the source tensor computing what :func:`im2col` computes.
+    """
+    dims = window_dims(plans)
+    lead = len(shape) - len(plans)
+    if any(d.gather is not None for d in dims):  # F.unfold does not apply
+        return lambda x: im2col(x, op, plans, layout)
+    prepared = list(shape)
+    for d in dims:  # what _prepare narrows
+        prepared[lead + d.position] = d.size
+    recipe = _unfold_recipe(
+        tuple(prepared), dims, op, tuple(layout), lead, SMALL_WINDOW_ELEMENTS_PER_TAP
+    )
+    if recipe is None:
+        return lambda x: im2col(x, op, plans, layout)
+    source_shape, arguments, cols_shape, perm = recipe
+
+    def build(x: Tensor) -> Tensor:
+        cols = F.unfold(_prepare(x, dims, lead).reshape(source_shape), *arguments)
+        cols = cols.view(cols_shape)
+        return cols if perm is None else cols.permute(perm).contiguous()
+
+    return build
+
+
 def unfold_mode(
     lead_shape: Tuple[int, ...],
     dims: Tuple[WindowDim, ...],
     op: Operand,
     layout: Tuple[str, ...],
     num_plans: int,
+    small_limit: Optional[int] = None,
 ) -> Optional[str]:
     """How :func:`im2col` builds a window operand: with torch's im2col or per tap.
 
@@ -191,6 +231,8 @@ def unfold_mode(
         op: The window operand.
         layout: Axis order of the result.
         num_plans: Number of spatial dimensions of the formulation.
+        small_limit: Elements per tap up to which the permuted copy is worth it
+            (default :data:`SMALL_WINDOW_ELEMENTS_PER_TAP`).
 
     Returns:
         ``'natural'`` (one ``F.unfold``), ``'permuted'`` (``F.unfold`` and a copy) or
@@ -208,7 +250,9 @@ def unfold_mode(
     if tuple(layout) == _natural_layout(op, lead, num):
         return "natural"
     outputs = math.prod(d.output_size for d in dims)
-    small = math.prod(lead_shape) * outputs <= SMALL_WINDOW_ELEMENTS_PER_TAP
+    if small_limit is None:
+        small_limit = SMALL_WINDOW_ELEMENTS_PER_TAP
+    small = math.prod(lead_shape) * outputs <= small_limit
     return "permuted" if small else None
 
 
@@ -222,26 +266,49 @@ def _torch_unfold(
     x: Tensor, dims: Tuple[WindowDim, ...], op: Operand, layout, lead: int
 ) -> Optional[Tensor]:
     """``F.unfold`` where :func:`unfold_mode` allows it, else ``None``."""
-    num = x.dim() - lead
-    mode = unfold_mode(tuple(x.shape[:lead]), dims, op, layout, num)
+    recipe = _unfold_recipe(
+        tuple(x.shape), dims, op, tuple(layout), lead, SMALL_WINDOW_ELEMENTS_PER_TAP
+    )
+    if recipe is None:
+        return None
+    source_shape, arguments, cols_shape, perm = recipe
+    cols = F.unfold(x.reshape(source_shape), *arguments).view(cols_shape)
+    return cols if perm is None else cols.permute(perm).contiguous()
+
+
+@lru_cache(maxsize=1024)
+def _unfold_recipe(
+    shape: Tuple[int, ...],
+    dims: Tuple[WindowDim, ...],
+    op: Operand,
+    layout: Tuple[str, ...],
+    lead: int,
+    small_limit: int,
+) -> Optional[tuple]:
+    """Arguments of :func:`_torch_unfold`'s torch calls, or ``None`` (per-tap loop).
+
+    Cached: deriving them costs tens of microseconds of Python per call, as much as
+    the whole unfold of a small operand. ``small_limit`` is
+    :data:`SMALL_WINDOW_ELEMENTS_PER_TAP` at call time (part of the key: the tests
+    lower it to exercise the per-tap loop).
+    """
+    num = len(shape) - lead
+    mode = unfold_mode(shape[:lead], dims, op, layout, num, small_limit)
     if mode is None:
         return None
-    ones = [_identity_dim()] * (2 - num)
-    geo = ones + list(dims)
-    x4 = x.reshape(x.shape[0], -1, *([1] * (2 - num)), *x.shape[lead:])
-    cols = F.unfold(
-        x4,
-        tuple(d.kernel_size for d in geo),
-        dilation=tuple(d.dilation for d in geo),
-        padding=tuple(d.pad for d in geo),
-        stride=tuple(d.stride for d in geo),
+    geo = [_identity_dim()] * (2 - num) + list(dims)  # F.unfold wants 2 dims
+    source_shape = (shape[0], math.prod(shape[1:lead]), *([1] * (2 - num)))
+    source_shape += shape[lead:]
+    arguments = tuple(
+        tuple(getattr(d, name) for d in geo)
+        for name in ("kernel_size", "dilation", "pad", "stride")
     )
-    shape = [*x.shape[:lead], *(d.kernel_size for d in dims)]
-    cols = cols.view(*shape, *(d.output_size for d in dims))
+    cols_shape = (*shape[:lead], *(d.kernel_size for d in dims))
+    cols_shape += tuple(d.output_size for d in dims)
     if mode == "natural":
-        return cols
+        return source_shape, arguments, cols_shape, None
     natural = _natural_layout(op, lead, num)
-    return cols.permute([natural.index(a) for a in layout]).contiguous()
+    return source_shape, arguments, cols_shape, tuple(map(natural.index, layout))
 
 
 #: Unfolded elements per kernel tap below which a window operand in a layout
