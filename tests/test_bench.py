@@ -170,3 +170,43 @@ def test_round_order_balances_predecessors():
             follows[(before, after)] = follows.get((before, after), 0) + 1
     # plain rotation would only ever produce a→b, b→c, c→a within rounds
     assert len(follows) == 6 and max(follows.values()) == min(follows.values())
+
+
+def _run_file(path, times, layers=("a",)):
+    results = [
+        dict(
+            layer=layer,
+            description="3x3",
+            operation="kfac_expand",
+            implementation=impl,
+            time_s=t,
+            memory_bytes=None,
+            rel_error=0.0,
+            category="general",
+        )
+        for layer in layers
+        for impl, t in zip(("tn", "unfold"), times)
+    ]
+    path.write_text(json.dumps({"meta": {"command": "bench"}, "results": results}))
+    return str(path)
+
+
+def test_merge_takes_the_minimum_over_runs_and_concatenates_parts(tmp_path):
+    from backpack_tn.bench.merge import main as merge_main
+
+    one = _run_file(tmp_path / "1.json", (2.0, 3.0))
+    two = _run_file(tmp_path / "2.json", (1.0, 4.0))
+    out, md = tmp_path / "min.json", tmp_path / "min.md"
+    assert merge_main([str(out), one, two, "--markdown", str(md)]) == 0
+    merged = json.loads(out.read_text())
+    assert [r["time_s"] for r in merged["results"]] == [1.0, 3.0]
+    assert merged["meta"]["runs"] == 2
+    assert "| a (3x3) | kfac_expand | unfold | 3000.00 | 3.00 |" in md.read_text()
+
+    other = _run_file(tmp_path / "3.json", (5.0, 6.0), layers=("b",))
+    with pytest.raises(ValueError, match="--concat"):
+        merge_main([str(out), one, other])
+    assert merge_main([str(out), "--concat", one, other, "--command", "x"]) == 0
+    merged = json.loads(out.read_text())
+    assert [r["layer"] for r in merged["results"]] == ["a", "a", "b", "b"]
+    assert merged["meta"]["command"] == "x" and merged["meta"]["parts"] == 2

@@ -1,27 +1,49 @@
-"""Merge repeated benchmark runs: per measurement the fastest time of all runs.
+"""Combine layer-level benchmark JSON files (``python -m backpack_tn.bench --json``).
 
-``python -m backpack_tn.bench.merge OUT.json RUN1.json RUN2.json …`` — on a shared
-machine, interference only ever slows a run down, so the minimum over runs (taken for
-every implementation alike) is the most faithful estimate. Memory and errors come from
-the last run.
+Two ways, both writing one JSON file (and with ``--markdown`` the table and summary the
+benchmark command prints):
+
+* ``python -m backpack_tn.bench.merge OUT.json RUN1.json RUN2.json …`` — repeated
+  runs of the same command: per measurement the fastest time of all runs. On a shared
+  machine interference only ever slows a run down, so the minimum over runs (taken for
+  every implementation alike) is the most faithful estimate. Memory and errors come
+  from the last run.
+* ``python -m backpack_tn.bench.merge --concat OUT.json PART1.json PART2.json …`` — a
+  long run split into parts with ``--max-layers``/``--skip-layers``: the measurements
+  one after the other, the metadata of the first part with ``command`` replaced by
+  ``--command`` if given.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from typing import List, Optional, Sequence
 
 
-def merge(paths):
-    """Merge runs of the same benchmark command (same measurements, same order)."""
-    runs = [json.load(open(path)) for path in paths]
+def merge(paths: Sequence[str]) -> dict:
+    """Merge runs of the same benchmark command (same measurements, same order).
+
+    Args:
+        paths: JSON files of the runs.
+
+    Returns:
+        The last run, with every time replaced by the minimum over runs (the single
+        times under ``times_s``).
+
+    Raises:
+        ValueError: If the runs measured different things.
+    """
+    runs = [_load(path) for path in paths]
     merged = runs[-1]
     for i, result in enumerate(merged["results"]):
+        for run in runs:
+            other = run["results"][i] if i < len(run["results"]) else {}
+            same = ("layer", "operation", "implementation")
+            if any(other.get(k) != result[k] for k in same):
+                raise ValueError("the runs measured different things; use --concat")
         times = [run["results"][i]["time_s"] for run in runs]
-        assert all(
-            run["results"][i]["implementation"] == result["implementation"]
-            for run in runs
-        ), "runs differ"
         result["time_s"] = min(times)
         result["times_s"] = times
     merged["meta"]["runs"] = len(runs)
@@ -29,11 +51,64 @@ def merge(paths):
     return merged
 
 
-def main(argv=None) -> int:
+def concat(paths: Sequence[str], command: Optional[str] = None) -> dict:
+    """Concatenate the parts of a split run.
+
+    Args:
+        paths: JSON files of the parts, in order.
+        command: The command line to record (default: the first part's).
+
+    Returns:
+        One result set with all parts' measurements.
+    """
+    parts = [_load(path) for path in paths]
+    meta = dict(parts[0]["meta"])
+    if command is not None:
+        meta["command"] = command
+    meta["parts"] = len(parts)
+    return {"meta": meta, "results": [r for p in parts for r in p["results"]]}
+
+
+def markdown(merged: dict) -> str:
+    """The table and per-operation summary that the benchmark command prints."""
+    from backpack_tn.bench import report
+    from backpack_tn.bench.run import Measurement, markdown_table
+
+    fields = Measurement.__dataclass_fields__
+    measurements = [
+        Measurement(**{k: v for k, v in r.items() if k in fields})
+        for r in merged["results"]
+    ]
+    summary = report.summary(report.comparisons(merged["results"]))
+    return f"<!-- {merged['meta']} -->\n{markdown_table(measurements)}\n\n{summary}\n"
+
+
+def _load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     """Command-line entry point."""
-    out, *paths = argv if argv is not None else sys.argv[1:]
-    with open(out, "w") as f:
-        json.dump(merge(paths), f, indent=1)
+    parser = argparse.ArgumentParser(
+        prog="python -m backpack_tn.bench.merge",
+        description="Combine layer-level benchmark JSON files: the minimum time over "
+        "repeated runs (default) or the parts of a split run (--concat).",
+    )
+    parser.add_argument("out", help="JSON file to write")
+    parser.add_argument("runs", nargs="+", help="JSON files from --json")
+    parser.add_argument(
+        "--concat", action="store_true", help="the inputs are parts of one run"
+    )
+    parser.add_argument("--command", help="command line to record (with --concat)")
+    parser.add_argument("--markdown", help="also write the table and summary here")
+    args = parser.parse_args(argv)
+    merged = concat(args.runs, args.command) if args.concat else merge(args.runs)
+    with open(args.out, "w") as f:
+        json.dump(merged, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(merged))
     return 0
 
 
