@@ -141,7 +141,9 @@ def group_average(x: Tensor, groups: int) -> Tensor:
         return x
     n, c = x.shape[:2]
     grouped = x.reshape(n, groups, -1)
-    if x.device.type == "cpu" and x.numel() >= _GEMM_MEAN_ELEMENTS:
+    # float32/64 only: in half precisions the weight 1/G would be rounded (a bias)
+    gemm = x.dtype in (torch.float32, torch.float64) and x.device.type == "cpu"
+    if gemm and x.numel() >= _GEMM_MEAN_ELEMENTS:
         weights = x.new_full((1, groups), 1.0 / groups)
         mean = torch.matmul(weights, grouped)  # [N, 1, C_in/G·ΠI]
     else:

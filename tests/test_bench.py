@@ -172,7 +172,7 @@ def test_round_order_balances_predecessors():
     assert len(follows) == 6 and max(follows.values()) == min(follows.values())
 
 
-def _run_file(path, times, layers=("a",)):
+def _run_file(path, times, layers=("a",), batch_size=8):
     results = [
         dict(
             layer=layer,
@@ -187,7 +187,8 @@ def _run_file(path, times, layers=("a",)):
         for layer in layers
         for impl, t in zip(("tn", "unfold"), times)
     ]
-    path.write_text(json.dumps({"meta": {"command": "bench"}, "results": results}))
+    meta = {"command": "bench", "batch_size": batch_size}
+    path.write_text(json.dumps({"meta": meta, "results": results}))
     return str(path)
 
 
@@ -210,3 +211,13 @@ def test_merge_takes_the_minimum_over_runs_and_concatenates_parts(tmp_path):
     merged = json.loads(out.read_text())
     assert [r["layer"] for r in merged["results"]] == ["a", "a", "b", "b"]
     assert merged["meta"]["command"] == "x" and merged["meta"]["parts"] == 2
+    with pytest.raises(ValueError, match="overlap"):
+        merge_main([str(out), "--concat", one, two])
+    shorter = _run_file(tmp_path / "4.json", (1.0, 1.0), layers=())
+    with pytest.raises(ValueError, match="different things"):
+        merge_main([str(out), one, shorter])
+    batch_16 = _run_file(tmp_path / "5.json", (1.0, 1.0), batch_size=16)
+    with pytest.raises(ValueError, match="different settings"):
+        merge_main([str(out), one, batch_16])
+    with pytest.raises(SystemExit):
+        merge_main([str(out), one, two, "--command", "x"])

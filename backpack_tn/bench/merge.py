@@ -21,6 +21,10 @@ import json
 import sys
 from typing import List, Optional, Sequence
 
+#: What identifies a measurement, and run metadata that need not agree.
+_KEY = ("layer", "description", "operation", "implementation")
+_VARYING_META = ("command", "runs", "merge", "parts")
+
 
 def merge(paths: Sequence[str]) -> dict:
     """Merge runs of the same benchmark command (same measurements, same order).
@@ -33,16 +37,16 @@ def merge(paths: Sequence[str]) -> dict:
         times under ``times_s``).
 
     Raises:
-        ValueError: If the runs measured different things.
+        ValueError: If the runs measured different things or ran with different
+            settings (batch size, dtype, device, ...).
     """
     runs = [_load(path) for path in paths]
+    _check_meta(runs)
     merged = runs[-1]
+    keys = [_key(r) for r in merged["results"]]
+    if any([_key(r) for r in run["results"]] != keys for run in runs):
+        raise ValueError("the runs measured different things; use --concat")
     for i, result in enumerate(merged["results"]):
-        for run in runs:
-            other = run["results"][i] if i < len(run["results"]) else {}
-            same = ("layer", "operation", "implementation")
-            if any(other.get(k) != result[k] for k in same):
-                raise ValueError("the runs measured different things; use --concat")
         times = [run["results"][i]["time_s"] for run in runs]
         result["time_s"] = min(times)
         result["times_s"] = times
@@ -60,13 +64,32 @@ def concat(paths: Sequence[str], command: Optional[str] = None) -> dict:
 
     Returns:
         One result set with all parts' measurements.
+
+    Raises:
+        ValueError: If the parts ran with different settings or overlap.
     """
     parts = [_load(path) for path in paths]
+    _check_meta(parts)
+    results = [r for p in parts for r in p["results"]]
+    if len({_key(r) for r in results}) != len(results):
+        raise ValueError("the parts overlap (a measurement appears twice)")
     meta = dict(parts[0]["meta"])
     if command is not None:
         meta["command"] = command
     meta["parts"] = len(parts)
-    return {"meta": meta, "results": [r for p in parts for r in p["results"]]}
+    return {"meta": meta, "results": results}
+
+
+def _key(result: dict) -> tuple:
+    return tuple(result.get(k) for k in _KEY)
+
+
+def _check_meta(runs: Sequence[dict]) -> None:
+    def settings(run: dict) -> dict:
+        return {k: v for k, v in run["meta"].items() if k not in _VARYING_META}
+
+    if any(settings(run) != settings(runs[0]) for run in runs):
+        raise ValueError("the files come from runs with different settings")
 
 
 def markdown(merged: dict) -> str:
@@ -103,6 +126,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--command", help="command line to record (with --concat)")
     parser.add_argument("--markdown", help="also write the table and summary here")
     args = parser.parse_args(argv)
+    if args.command is not None and not args.concat:
+        parser.error("--command only applies with --concat")
     merged = concat(args.runs, args.command) if args.concat else merge(args.runs)
     with open(args.out, "w") as f:
         json.dump(merged, f, indent=1)

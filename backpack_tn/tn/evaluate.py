@@ -13,12 +13,14 @@ executor:
 
 Every candidate is planned with ``opt_einsum`` for the concrete shapes (plans cached per
 equation, shapes, dtype and device). Small problems take the candidate with the lowest
-estimated cost (FLOPs plus copies). For larger ones the first call *measures* each
-candidate once on the real inputs and caches the fastest per (operation, shapes,
-dtype, device) — the result of that call is the fastest candidate's own result, so
-nothing is computed in vain but the slower candidates. :func:`set_autotune` turns this
-off. Finally, if the chosen plan's largest intermediate exceeds the memory budget
-(:func:`set_memory_budget`), the batch is processed in chunks.
+estimated cost (FLOPs plus copies). For larger ones the first call *measures* the
+candidates on the real inputs (interleaved rounds) and caches the fastest per
+(operation, shapes, dtype, device) — the result of that call is the fastest
+candidate's own result, so nothing is computed in vain but the slower candidates.
+:func:`set_autotune` turns this off. If the chosen plan's largest intermediate exceeds
+the memory budget (:func:`set_memory_budget`), the batch is processed in chunks.
+Finally the choice is kept as a *prepared call* per shapes and settings: later calls
+run its torch calls without re-deciding anything.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def set_autotune(enabled: bool, min_flops: Optional[float] = None) -> None:
     Args:
         enabled: Whether to autotune.
         min_flops: Problems whose cheapest candidate is estimated below this many
-            FLOPs are never measured (default ``5e7``: they take microseconds).
+            FLOPs are never measured (default ``1e7``: about a millisecond).
     """
     _SETTINGS["autotune"] = bool(enabled)
     if min_flops is not None:
@@ -475,11 +477,12 @@ def _execute(
 
 _TUNED: LRUCache[int] = LRUCache("autotune", maxsize=1024)
 
-#: Autotuning times the candidates in interleaved rounds (A B, B A, A B, ...), at
-#: least ``_MIN_ROUNDS`` of them and, for cheap candidates, until each one spent
-#: this much time (at most ``_MAX_ROUNDS``); a candidate's fastest run counts. Timing
-#: one candidate after the other let a noisy spell (another process, page faults)
-#: hit one candidate only and fix a wrong choice for the rest of the process.
+#: Autotuning times the candidates in interleaved rounds (A B, B A, A B, ...): at
+#: least ``_MIN_ROUNDS`` of them; after that, candidates that have not yet spent
+#: ``_MIN_MEASURE_SECONDS`` (cheap ones, whose single runs are noisy) run more rounds,
+#: at most ``_MAX_ROUNDS`` in all. A candidate's fastest run counts. Timing one
+#: candidate after the other let a noisy spell (another process, page faults) hit one
+#: candidate only and fix a wrong choice for the rest of the process.
 _MIN_MEASURE_SECONDS = 0.02
 _MIN_ROUNDS = 3
 _MAX_ROUNDS = 10
@@ -497,12 +500,15 @@ def _time_interleaved(
     """
     spent = [0.0] * len(runs)
     winner, winner_time, winner_result = 0, math.inf, None
-    rounds = 0
-    while rounds < _MIN_ROUNDS or (
-        rounds < _MAX_ROUNDS and min(spent) < _MIN_MEASURE_SECONDS
-    ):
-        order = range(len(runs)) if rounds % 2 == 0 else reversed(range(len(runs)))
-        for i in order:
+    for rounds in range(_MAX_ROUNDS):
+        timed = [
+            i
+            for i in range(len(runs))
+            if rounds < _MIN_ROUNDS or spent[i] < _MIN_MEASURE_SECONDS
+        ]
+        if not timed:
+            break
+        for i in timed if rounds % 2 == 0 else reversed(timed):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start, planning = time.perf_counter(), _PLANNING_SECONDS[0]
@@ -514,7 +520,6 @@ def _time_interleaved(
             if elapsed < winner_time:
                 winner, winner_time, winner_result = i, elapsed, result
             del result
-        rounds += 1
     return winner_result, winner
 
 
@@ -536,7 +541,9 @@ def _autotune(
     return _time_interleaved(runs, device)
 
 
-def _prepared_einsum(candidate: Candidate, shapes: Mapping[str, Shape]) -> Callable:
+def _prepared_einsum(
+    candidate: Candidate, shapes: Mapping[str, Shape], dtype, device
+) -> Callable:
     """``_run_einsum`` specialised to one candidate and one set of input shapes.
 
     What ``_materialise_all`` and ``_contract`` decide per call (which operands are
@@ -595,10 +602,13 @@ def _prepared_einsum(candidate: Candidate, shapes: Mapping[str, Shape]) -> Calla
     return run
 
 
-def _prepared(candidate: Candidate, shapes: Mapping[str, Shape], chunks: int):
+def _prepared(
+    candidate: Candidate, shapes: Mapping[str, Shape], chunks: int, dtype, device
+) -> Callable:
     """The chosen candidate as a function of the tensors, result embedded."""
-    if candidate.executor == "einsum" and chunks == 1:
-        run = _prepared_einsum(candidate, shapes)
+    plain = EXECUTORS.get(candidate.executor) is _run_einsum  # not replaced by a user
+    if plain and chunks == 1:
+        run = _prepared_einsum(candidate, shapes, dtype, device)
     else:
         run = functools.partial(_execute, candidate, chunks=chunks)
     net = candidate.network
@@ -706,7 +716,7 @@ def evaluate(
         result = None
     best = options[index]
     # later calls with these shapes run the choice directly (plan once, run many)
-    prepared = _prepared(best, shapes, _chunks(best, shapes, dtype))
+    prepared = _prepared(best, shapes, _chunks(best, shapes, dtype), dtype, device)
     prepared.formulations = formulations  # keeps the identity in the key alive
     _PREPARED.put(prepared_key, prepared)
     if result is None:
