@@ -8,11 +8,14 @@ sharing ``δ`` only differ in where that box is cut near the borders.
 
 So instead of one GEMM over ``N·ΠO`` with ``(C·ΠK)²`` outputs (``ΠK²`` input-sized
 products per channel pair) this computes, for every offset ``δ`` (``Π(2K − 1)`` of
-them), the sums over the few boxes that the cut points split the valid positions into
-— one large interior box and thin border strips — and adds, per tap pair, the boxes
-its window covers. Exact, with ``Π(2K−1)/ΠK²`` of the products (3×3: 25/81, 5×5:
-81/625). Only zero padding (implicit: padded positions contribute nothing) and
-stride 1; the caller chooses between this and the tensor network by measuring both.
+them, of which only the lexicographically non-negative half is needed: the Gram is
+symmetric, and the blocks of ``−δ`` are the transposed blocks of ``δ``), the sums over
+the few boxes that the cut points split the valid positions into — one large interior
+box and thin border strips — and adds, per tap pair, the boxes its window covers.
+Exact, with ``(Π(2K−1) + 1)/2`` input-sized products per channel pair instead of
+``ΠK²`` (3×3: 13 instead of 81, 5×5: 41 instead of 625). Only zero padding
+(implicit: padded positions contribute nothing) and stride 1; the caller chooses
+between this and the tensor network by measuring both.
 """
 
 from __future__ import annotations
@@ -111,7 +114,13 @@ def shift_gram(x: Tensor, geometry: ConvGeometry) -> Tensor:
     lead = (slice(None),) * 3
     gram = x.new_zeros(batch, channels, *kernel, channels, *kernel)
     spatial = tuple(range(len(dims)))
+    zero = (0,) * len(dims)
     for offset in itertools.product(*(range(1 - k, k) for k in kernel)):
+        if offset < zero:
+            # The Gram is symmetric: the block of taps (k + δ, k) is the transpose
+            # of the block of taps (k, k + δ), filled below. Only the offsets that
+            # are lexicographically ≥ 0 are summed: (Π(2K−1) + 1)/2 of them.
+            continue
         plans = [_dim_shift(d, o) for d, o in zip(dims, offset)]
         if any(not p.segments for p in plans):
             continue  # the taps never overlap inside the input
@@ -144,6 +153,9 @@ def shift_gram(x: Tensor, geometry: ConvGeometry) -> Tensor:
             ranges = tuple(slice(first, stop) for _, first, stop in covers)
             total = boxes[ranges].sum(spatial)  # empty cover: zeros
             gram[(slice(None), slice(None), *taps, slice(None), *partners)] = total
+            if offset != zero:
+                mirror = (slice(None), slice(None), *partners, slice(None), *taps)
+                gram[mirror] = total.transpose(1, 2)
     size = channels * math.prod(kernel)
     return gram.reshape(batch, size, size)
 
