@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from torch import Tensor
 from backpack_tn.tn.conv import networks
 from backpack_tn.tn.evaluate import evaluate, fastest, native_allowed
 from backpack_tn.tn.geometry import ConvGeometry, IntOrTuple, Padding, make_geometry
+from backpack_tn.tn.gram import MIN_BLOCK_ROWS, symmetric_gram
 from backpack_tn.tn.shifts import shift_gram, supports_shift_gram
 
 __all__ = [
@@ -547,6 +548,45 @@ def _kfac_input(
     return geometry, _group_input(x, groups)
 
 
+def _unfolded_columns(grouped: Tensor, geometry: ConvGeometry) -> Tensor:
+    """Unfolded input ``[G, C/G·ΠK, N·ΠO]`` of a grouped input ``[N, G, C/G, *I]``.
+
+    One GEMM-ready matrix per group: rows channel-major as ``F.unfold``'s, columns
+    every sample's every output position.
+    """
+    n, g, c = grouped.shape[:3]
+    flat = grouped.reshape(n, 1, g * c, *grouped.shape[3:])
+    cols = _run("unfold", geometry, True, {"x": flat})
+    rows = c * math.prod(geometry.kernel_size)
+    cols = cols.reshape(n, g, rows, math.prod(geometry.output_size))
+    return cols.permute(1, 2, 0, 3).reshape(g, rows, -1)
+
+
+def _kfac_runs(
+    grouped: Tensor, geometry: ConvGeometry, approx: str, simplify: bool
+) -> Dict[str, Callable[[], Tensor]]:
+    """The ways to compute a KFAC input factor (unscaled), by name, TN first.
+
+    The KFAC-expand factor is a Gram matrix: the unfolded input's block upper
+    triangle (about half the products) is one alternative to the TN; with stride 1
+    the shift-structured Gram needs far fewer products still. Which is fastest
+    depends on the shapes (small maps favour the TN), so the caller measures.
+    """
+    runs = {
+        "tn": lambda: _run(
+            "kfac_input", geometry, simplify, {"x": grouped}, approx=approx
+        )
+    }
+    if approx != "expand" or not simplify:
+        return runs
+    if grouped.shape[2] * math.prod(geometry.kernel_size) >= 2 * MIN_BLOCK_ROWS:
+        columns = functools.partial(_unfolded_columns, grouped, geometry)
+        runs["block-triangular"] = lambda: symmetric_gram(columns())
+    if supports_shift_gram(geometry):
+        runs["shift"] = functools.partial(shift_gram, grouped.transpose(0, 1), geometry)
+    return runs
+
+
 def kfac_input_factor(
     x: Tensor,
     kernel_size: IntOrTuple,
@@ -598,17 +638,12 @@ def kfac_input_factor(
         x, kernel_size, stride, padding, dilation, groups, padding_mode, groups_mode
     )
 
-    def tn() -> Tensor:
-        return _run("kfac_input", geometry, simplify, {"x": grouped}, approx=approx)
-
-    if approx == "expand" and simplify and supports_shift_gram(geometry):
-        # stride 1: the shift-structured Gram needs far fewer products; which one
-        # is faster depends on the shapes (small maps favour the TN), so measure
-        key = ("kfac_shift", tuple(grouped.shape), geometry, x.dtype, x.device)
-        shifted = functools.partial(shift_gram, grouped.transpose(0, 1), geometry)
-        out = fastest(key, [tn, shifted], x.device)
+    runs = _kfac_runs(grouped, geometry, approx, simplify)
+    if len(runs) > 1:
+        key = ("kfac_expand", tuple(grouped.shape), geometry, x.dtype, x.device)
+        out = fastest(key, list(runs.values()), x.device)
     else:
-        out = tn()
+        out = runs["tn"]()
     scale = 1.0 / x.shape[0]
     if approx == "reduce":
         scale /= math.prod(geometry.output_size) ** 2

@@ -221,3 +221,13 @@ def test_merge_takes_the_minimum_over_runs_and_concatenates_parts(tmp_path):
         merge_main([str(out), one, batch_16])
     with pytest.raises(SystemExit):
         merge_main([str(out), one, two, "--command", "x"])
+
+
+def test_candidates_command_times_every_kfac_expand_candidate(capsys):
+    from backpack_tn.bench.candidates import main as candidates_main
+
+    layers = ["2x32x6x6:k3:s1:p1", "2x32x6x6:k3:s2:p1", "2x4x6x6:k3:s2:p1"]
+    assert candidates_main(["--layer", *layers, "--repeats", "1"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    # stride 1: all three; stride 2: no shift Gram; 36 unfolded rows: the TN only
+    assert [row.count("—") for row in rows] == [0, 1, 3]

@@ -1,0 +1,94 @@
+"""Time every candidate that ``kfac_input_factor`` measures for KFAC-expand.
+
+``python -m backpack_tn.bench.candidates [--repeats 3] [--layer 8x512x7x7:k3:s1:p1 …]``
+
+``kfac_input_factor(approx='expand')`` times its candidates once per problem and keeps
+the fastest (:func:`backpack_tn.tn.evaluate.fastest`): the tensor network, the
+block-triangular Gram (:mod:`backpack_tn.tn.gram`, ≥ 256 unfolded rows) and, for
+stride 1, the shift-structured Gram (:mod:`backpack_tn.tn.shifts`). This prints each
+candidate's best-of-``repeats`` time per layer, so the choice can be checked. Default
+layers: ResNet-18 / ResNeXt-like shapes at batch 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from backpack_tn import functional as tnf
+
+DEFAULT_LAYERS = [
+    "8x64x56x56:k3:s1:p1",
+    "8x256x14x14:k3:s1:p1",
+    "8x512x7x7:k3:s1:p1",
+    "8x128x28x28:k3:s2:p1",
+    "8x256x14x14:k3:s2:p1",
+    "8x256x28x28:k1:s1:p0",
+    "8x1024x14x14:k1:s1:p0",
+    "8x2048x7x7:k1:s1:p0",
+]
+
+
+def time_candidates(spec: str, repeats: int) -> Dict[str, float]:
+    """Best-of-``repeats`` seconds of every KFAC-expand candidate on one layer.
+
+    Args:
+        spec: ``NxCxHxW:kK:sS:pP`` (batch, channels, input size, kernel, stride,
+            padding).
+        repeats: Timed runs per candidate (interleaved).
+
+    Returns:
+        Seconds by candidate name, or ``{}`` if only the TN applies.
+    """
+    shape, *hyper = spec.split(":")
+    options = {h[0]: int(h[1:]) for h in hyper}
+    x = torch.randn(*map(int, shape.split("x")))
+    geometry, grouped = tnf._kfac_input(
+        x,
+        options["k"],
+        options.get("s", 1),
+        options.get("p", 0),
+        1,
+        1,
+        "zeros",
+        "average",
+    )
+    runs = tnf._kfac_runs(grouped, geometry, "expand", True)
+    if len(runs) == 1:
+        return {}
+    best = {name: float("inf") for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(
+        prog="python -m backpack_tn.bench.candidates",
+        description="Time every candidate kfac_input_factor measures (KFAC-expand).",
+    )
+    parser.add_argument("--layer", nargs="+", default=DEFAULT_LAYERS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print("| layer | tn [ms] | block-triangular [ms] | shift [ms] |")
+    print("|---|---:|---:|---:|")
+    for spec in args.layer:
+        times = time_candidates(spec, args.repeats)
+        cells = [times.get(n) for n in ("tn", "block-triangular", "shift")]
+        row = " | ".join("—" if t is None else f"{1e3 * t:.1f}" for t in cells)
+        print(f"| {spec} | {row} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
