@@ -22,7 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backpack_tn.tn.conv import networks
-from backpack_tn.tn.evaluate import evaluate, fastest, native_allowed
+from backpack_tn.tn.evaluate import (
+    evaluate,
+    fastest,
+    get_memory_budget,
+    native_allowed,
+)
 from backpack_tn.tn.geometry import ConvGeometry, IntOrTuple, Padding, make_geometry
 from backpack_tn.tn.gram import MIN_BLOCK_ROWS, symmetric_gram
 from backpack_tn.tn.shifts import shift_gram, supports_shift_gram
@@ -562,6 +567,26 @@ def _unfolded_columns(grouped: Tensor, geometry: ConvGeometry) -> Tensor:
     return cols.permute(1, 2, 0, 3).reshape(g, rows, -1)
 
 
+def _block_triangular_gram(grouped: Tensor, geometry: ConvGeometry) -> Tensor:
+    """KFAC-expand Gram of the unfolded input by :func:`symmetric_gram`.
+
+    The unfolded input and its GEMM-layout copy (two of them alive at once) are
+    built for as many samples at a time as the memory budget allows
+    (:func:`backpack_tn.set_memory_budget`), and the chunks' Gram matrices summed.
+    """
+    n, g, c = grouped.shape[:3]
+    unfolded = g * c * math.prod(geometry.kernel_size) * math.prod(geometry.output_size)
+    per_sample = 2 * unfolded * grouped.element_size()
+    budget = get_memory_budget()
+    size = n if budget is None else max(1, min(n, budget // per_sample))
+    total = None
+    for start in range(0, n, size):
+        part = grouped.narrow(0, start, min(size, n - start))
+        gram = symmetric_gram(_unfolded_columns(part, geometry))
+        total = gram if total is None else total.add_(gram)
+    return total
+
+
 def _kfac_runs(
     grouped: Tensor, geometry: ConvGeometry, approx: str, simplify: bool
 ) -> Dict[str, Callable[[], Tensor]]:
@@ -580,8 +605,9 @@ def _kfac_runs(
     if approx != "expand" or not simplify:
         return runs
     if grouped.shape[2] * math.prod(geometry.kernel_size) >= 2 * MIN_BLOCK_ROWS:
-        columns = functools.partial(_unfolded_columns, grouped, geometry)
-        runs["block-triangular"] = lambda: symmetric_gram(columns())
+        runs["block-triangular"] = functools.partial(
+            _block_triangular_gram, grouped, geometry
+        )
     if supports_shift_gram(geometry):
         runs["shift"] = functools.partial(shift_gram, grouped.transpose(0, 1), geometry)
     return runs

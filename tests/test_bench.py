@@ -230,4 +230,6 @@ def test_candidates_command_times_every_kfac_expand_candidate(capsys):
     assert candidates_main(["--layer", *layers, "--repeats", "1"]) == 0
     rows = capsys.readouterr().out.splitlines()[2:]
     # stride 1: all three; stride 2: no shift Gram; 36 unfolded rows: the TN only
-    assert [row.count("—") for row in rows] == [0, 1, 3]
+    assert [row.count("—") for row in rows] == [0, 1, 2]
+    with pytest.raises(ValueError, match="expected"):
+        candidates_main(["--layer", "2x4x6x6:s2"])

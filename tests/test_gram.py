@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from backpack_tn import functional as tnf
-from backpack_tn.tn.gram import symmetric_gram
+from backpack_tn.tn.gram import MIN_BLOCK_ROWS, symmetric_gram
+from tests.cases import CASES, Case, grouped_unfold, kernel_numel
 from tests.test_functional import close
 
 
@@ -19,15 +23,24 @@ from tests.test_functional import close
         (3, 64, 5, 8),
         (1, 5, 40, 8),  # more blocks than rows fit: blocks of one row
         (2, 300, 20, None),  # the default block count
+        (1, 0, 3, 2),  # no rows
     ],
-    ids=["one-block", "uneven", "batched", "tiny-blocks", "default"],
+    ids=["one-block", "uneven", "batched", "tiny-blocks", "default", "empty"],
 )
 @pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
 def test_symmetric_gram(batch, rows, inner, blocks, contiguous):
     u = torch.randn(batch, inner, rows, dtype=torch.float64).transpose(1, 2)
     if contiguous:
         u = u.contiguous()
-    close(symmetric_gram(u, blocks), u @ u.transpose(1, 2))
+    result, expected = symmetric_gram(u, blocks), u @ u.transpose(1, 2)
+    if rows:
+        close(result, expected)
+    assert result.shape == expected.shape
+
+
+def test_symmetric_gram_rejects_no_blocks():
+    with pytest.raises(ValueError, match="positive"):
+        symmetric_gram(torch.randn(1, 4, 3), blocks=0)
 
 
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
@@ -58,3 +71,32 @@ def test_kfac_expand_candidates_agree_on_wide_layers(stride, groups_mode, monkey
     )
     assert seen == [3 if stride == 1 else 2]  # TN, symmetric Gram (, shift Gram)
     close(result, expected)
+
+
+def _wide(case: Case) -> Case:
+    """``case`` with enough input channels per group for ≥ 256 unfolded rows."""
+    per_group = math.ceil(2 * MIN_BLOCK_ROWS / kernel_numel(case))
+    return replace(case, c_in=case.groups * per_group, c_out=case.groups, batch=2)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_block_triangular_candidate_over_the_grid(case: Case, monkeypatch):
+    """Every padding mode, dimension, dilation, group count; within a memory budget
+    that forces one sample per chunk, too."""
+    from backpack_tn.tn.evaluate import get_memory_budget, set_memory_budget
+
+    case = _wide(case)
+    x = case.input()
+    u = grouped_unfold(case, x)  # [N, G, C/G·K, O]
+    expected = torch.einsum("ngio,ngjo->gij", u, u)
+    geometry, grouped = tnf._kfac_input(
+        x, case.kernel_size, *case.hyper.values(), "separate"
+    )
+    budget = get_memory_budget()
+    try:
+        for limit in (budget, 1):  # the whole batch at once, one sample at a time
+            set_memory_budget(limit)
+            runs = tnf._kfac_runs(grouped, geometry, "expand", True)
+            close(runs["block-triangular"](), expected)
+    finally:
+        set_memory_budget(budget)

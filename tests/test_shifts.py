@@ -87,7 +87,7 @@ STRIDE_ONE = [c for c in CASES if supports_shift_gram(c.geometry())]
 
 @pytest.mark.parametrize("groups_mode", ["average", "separate"])
 @pytest.mark.parametrize("case", STRIDE_ONE, ids=lambda c: c.id)
-def test_kfac_expand_both_candidates(case: Case, groups_mode, monkeypatch):
+def test_kfac_expand_candidates_agree(case: Case, groups_mode, monkeypatch):
     """``kfac_input_factor`` measures the TN against the shift Gram: all are right."""
     x = case.input()
     u = grouped_unfold(case, x)  # [N, G, C/G·K, O]

@@ -37,29 +37,34 @@ def time_candidates(spec: str, repeats: int) -> Dict[str, float]:
     """Best-of-``repeats`` seconds of every KFAC-expand candidate on one layer.
 
     Args:
-        spec: ``NxCxHxW:kK:sS:pP`` (batch, channels, input size, kernel, stride,
-            padding).
-        repeats: Timed runs per candidate (interleaved).
+        spec: ``NxCxHxW:kK:sS:pP:dD`` (batch, channels, input size; kernel, stride,
+            padding, dilation; all but the kernel optional).
+        repeats: Timed runs per candidate (interleaved, after one untimed run each).
 
     Returns:
-        Seconds by candidate name, or ``{}`` if only the TN applies.
+        Seconds by candidate name (``'tn'`` always).
+
+    Raises:
+        ValueError: For a malformed spec.
     """
     shape, *hyper = spec.split(":")
     options = {h[0]: int(h[1:]) for h in hyper}
+    if "k" not in options or set(options) - set("ksdp"):
+        raise ValueError(f"expected NxCxHxW:kK[:sS][:pP][:dD], got {spec!r}")
     x = torch.randn(*map(int, shape.split("x")))
     geometry, grouped = tnf._kfac_input(
         x,
         options["k"],
         options.get("s", 1),
         options.get("p", 0),
-        1,
+        options.get("d", 1),
         1,
         "zeros",
         "average",
     )
     runs = tnf._kfac_runs(grouped, geometry, "expand", True)
-    if len(runs) == 1:
-        return {}
+    for run in runs.values():  # first calls plan, autotune and allocate
+        run()
     best = {name: float("inf") for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
@@ -75,18 +80,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         prog="python -m backpack_tn.bench.candidates",
         description="Time every candidate kfac_input_factor measures (KFAC-expand).",
     )
-    parser.add_argument("--layer", nargs="+", default=DEFAULT_LAYERS)
+    parser.add_argument(
+        "--layer", nargs="+", default=DEFAULT_LAYERS, help="NxCxHxW:kK[:sS][:pP][:dD]"
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print("| layer | tn [ms] | block-triangular [ms] | shift [ms] |")
-    print("|---|---:|---:|---:|")
-    for spec in args.layer:
-        times = time_candidates(spec, args.repeats)
-        cells = [times.get(n) for n in ("tn", "block-triangular", "shift")]
-        row = " | ".join("—" if t is None else f"{1e3 * t:.1f}" for t in cells)
-        print(f"| {spec} | {row} |")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or 1)
+    try:
+        print("| layer | tn [ms] | block-triangular [ms] | shift [ms] |")
+        print("|---|---:|---:|---:|")
+        for spec in args.layer:
+            times = time_candidates(spec, args.repeats)
+            cells = [times.get(n) for n in ("tn", "block-triangular", "shift")]
+            row = " | ".join("—" if t is None else f"{1e3 * t:.1f}" for t in cells)
+            print(f"| {spec} | {row} |")
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 

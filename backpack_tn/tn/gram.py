@@ -12,8 +12,6 @@ plain GEMM (:func:`backpack_tn.tn.evaluate.fastest`).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -32,20 +30,26 @@ def symmetric_gram(u: Tensor, blocks: int | None = None) -> Tensor:
 
     Args:
         u: ``[B, R, M]``.
-        blocks: Number of row blocks (default: as many as keep at least
-            :data:`MIN_BLOCK_ROWS` rows each, at most :data:`MAX_BLOCKS`).
+        blocks: Number of row blocks, of equal size up to one row (default: as
+            many as keep at least :data:`MIN_BLOCK_ROWS` rows each, at most
+            :data:`MAX_BLOCKS`; at most one per row).
 
     Returns:
         ``[B, R, R]``; the blocks below the diagonal blocks are copies of those
         above.
+
+    Raises:
+        ValueError: If ``blocks`` is not positive.
     """
     batch, rows, _ = u.shape
     if blocks is None:
         blocks = max(1, min(MAX_BLOCKS, rows // MIN_BLOCK_ROWS))
-    size = math.ceil(rows / blocks)
+    if blocks < 1:
+        raise ValueError(f"blocks must be positive, got {blocks}.")
+    blocks = min(blocks, max(rows, 1))
+    bounds = [i * rows // blocks for i in range(blocks + 1)]
     out = u.new_empty(batch, rows, rows)
-    for start in range(0, rows, size):
-        stop = min(rows, start + size)
+    for start, stop in zip(bounds, bounds[1:]):
         # this block of rows against itself and every later row
         band = torch.bmm(u[:, start:stop], u[:, start:].transpose(1, 2))
         out[:, start:stop, start:] = band

@@ -99,13 +99,14 @@ def shift_gram(x: Tensor, geometry: ConvGeometry) -> Tensor:
     batch, samples, channels = x.shape[:3]
     kernel = tuple(d.kernel_size for d in dims)
     # Zero margins as wide as the largest shift after every trailing dimension (and
-    # one zero row before and after the first): a box spanning whole rows — all
+    # one zero row after the first; no offset that is summed reads before a row's
+    # start, as its first component is ≥ 0): a box spanning whole rows — all
     # positions of the trailing dimensions — is then one contiguous range of the
     # flattened positions, and so is its shifted partner, so its sum is a strided
     # batched GEMM over the samples without a copy. A shifted read that leaves a
     # row lands in a margin (zero) of the same or the neighbouring row.
     margins = [(d.kernel_size - 1) * d.dilation for d in dims[1:]]
-    pad = [p for margin in reversed(margins) for p in (0, margin)] + [1, 1]
+    pad = [p for margin in reversed(margins) for p in (0, margin)] + [0, 1]
     padded = torch.nn.functional.pad(x, pad).flatten(3)  # [B, N, C, L]
     sizes = [d.input_size + m for d, m in zip(dims[1:], margins)]
     row = math.prod(sizes)  # flattened positions per index of the first dim
@@ -136,7 +137,7 @@ def shift_gram(x: Tensor, geometry: ConvGeometry) -> Tensor:
         )
         rest = list(itertools.product(*(range(len(p.segments)) for p in plans[1:])))
         for s1, (a, b) in enumerate(plans[0].segments):
-            start = (a + 1) * row  # whole padded rows a, …, b − 1
+            start = a * row  # whole padded rows a, …, b − 1
             length = (b - a) * row
             first = padded[..., start : start + length]
             second = padded[..., start + shift : start + shift + length]
