@@ -22,14 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backpack_tn.tn.conv import networks
-from backpack_tn.tn.evaluate import (
-    evaluate,
-    fastest,
-    get_memory_budget,
-    native_allowed,
-)
+from backpack_tn.tn.evaluate import evaluate, fastest, native_allowed
 from backpack_tn.tn.geometry import ConvGeometry, IntOrTuple, Padding, make_geometry
-from backpack_tn.tn.gram import MIN_BLOCK_ROWS, symmetric_gram
 from backpack_tn.tn.shifts import shift_gram, supports_shift_gram
 
 __all__ = [
@@ -553,62 +547,22 @@ def _kfac_input(
     return geometry, _group_input(x, groups)
 
 
-def _unfolded_columns(grouped: Tensor, geometry: ConvGeometry) -> Tensor:
-    """Unfolded input ``[G, C/G·ΠK, N·ΠO]`` of a grouped input ``[N, G, C/G, *I]``.
-
-    One GEMM-ready matrix per group: rows channel-major as ``F.unfold``'s, columns
-    every sample's every output position.
-    """
-    n, g, c = grouped.shape[:3]
-    flat = grouped.reshape(n, 1, g * c, *grouped.shape[3:])
-    cols = _run("unfold", geometry, True, {"x": flat})
-    rows = c * math.prod(geometry.kernel_size)
-    cols = cols.reshape(n, g, rows, math.prod(geometry.output_size))
-    return cols.permute(1, 2, 0, 3).reshape(g, rows, -1)
-
-
-def _block_triangular_gram(grouped: Tensor, geometry: ConvGeometry) -> Tensor:
-    """KFAC-expand Gram of the unfolded input by :func:`symmetric_gram`.
-
-    The unfolded input and its GEMM-layout copy (two of them alive at once) are
-    built for as many samples at a time as the memory budget allows
-    (:func:`backpack_tn.set_memory_budget`), and the chunks' Gram matrices summed.
-    """
-    n, g, c = grouped.shape[:3]
-    unfolded = g * c * math.prod(geometry.kernel_size) * math.prod(geometry.output_size)
-    per_sample = 2 * unfolded * grouped.element_size()
-    budget = get_memory_budget()
-    size = n if budget is None else max(1, min(n, budget // per_sample))
-    total = None
-    for start in range(0, n, size):
-        part = grouped.narrow(0, start, min(size, n - start))
-        gram = symmetric_gram(_unfolded_columns(part, geometry))
-        total = gram if total is None else total.add_(gram)
-    return total
-
-
 def _kfac_runs(
     grouped: Tensor, geometry: ConvGeometry, approx: str, simplify: bool
 ) -> Dict[str, Callable[[], Tensor]]:
     """The ways to compute a KFAC input factor (unscaled), by name, TN first.
 
-    The KFAC-expand factor is a Gram matrix: the unfolded input's block upper
-    triangle (about half the products) is one alternative to the TN; with stride 1
-    the shift-structured Gram needs far fewer products still. Which is fastest
-    depends on the shapes (small maps favour the TN), so the caller measures.
+    The KFAC-expand factor is a Gram matrix, which the engine evaluates by its block
+    upper triangle (:func:`backpack_tn.tn.evaluate.gram_form`); with stride 1 the
+    shift-structured Gram needs far fewer products still, but on small maps of wide
+    layers its box sums outweigh them. The caller measures.
     """
     runs = {
         "tn": lambda: _run(
             "kfac_input", geometry, simplify, {"x": grouped}, approx=approx
         )
     }
-    if approx != "expand" or not simplify:
-        return runs
-    if grouped.shape[2] * math.prod(geometry.kernel_size) >= 2 * MIN_BLOCK_ROWS:
-        runs["block-triangular"] = functools.partial(
-            _block_triangular_gram, grouped, geometry
-        )
-    if supports_shift_gram(geometry):
+    if approx == "expand" and simplify and supports_shift_gram(geometry):
         runs["shift"] = functools.partial(shift_gram, grouped.transpose(0, 1), geometry)
     return runs
 

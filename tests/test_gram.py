@@ -1,8 +1,9 @@
-"""The block-triangular symmetric Gram against ``u uᵀ``, and as a KFAC candidate."""
+"""The block-triangular symmetric Gram against ``u uᵀ``, and the engine's use of it."""
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import replace
 
 import pytest
@@ -10,9 +11,19 @@ import torch
 import torch.nn.functional as F
 
 from backpack_tn import functional as tnf
+from backpack_tn.tn import make_geometry, networks
+from backpack_tn.tn.evaluate import (
+    force_strategy,
+    get_memory_budget,
+    gram_form,
+    gram_recognition,
+    set_memory_budget,
+)
 from backpack_tn.tn.gram import MIN_BLOCK_ROWS, symmetric_gram
 from tests.cases import CASES, Case, grouped_unfold, kernel_numel
 from tests.test_functional import close
+
+evaluate_module = sys.modules["backpack_tn.tn.evaluate"]
 
 
 @pytest.mark.parametrize(
@@ -43,36 +54,6 @@ def test_symmetric_gram_rejects_no_blocks():
         symmetric_gram(torch.randn(1, 4, 3), blocks=0)
 
 
-@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
-@pytest.mark.parametrize("groups_mode", ["average", "separate"])
-def test_kfac_expand_candidates_agree_on_wide_layers(stride, groups_mode, monkeypatch):
-    """With ≥ 256 unfolded rows the block-triangular Gram is a candidate: all agree."""
-    x = torch.randn(3, 64, 7, 6, dtype=torch.float64)
-    groups = 2
-    u = F.unfold(x, 3, padding=1, stride=stride)  # [N, C·K, O]
-    u = u.reshape(3, groups, -1, u.shape[-1])
-    if groups_mode == "average":
-        u = u.mean(1, keepdim=True)
-    expected = torch.einsum("ngio,ngjo->gij", u, u) / x.shape[0]
-    if groups_mode == "average":
-        expected = expected[0]
-    seen = []
-
-    def each(key, runs, device):  # run every candidate the engine would time
-        results = [run() for run in runs]
-        seen.append(len(results))
-        for result in results[1:]:
-            close(result, results[0].reshape(result.shape))
-        return results[1]  # the block-triangular Gram's result flows on
-
-    monkeypatch.setattr(tnf, "fastest", each)
-    result = tnf.kfac_input_factor(
-        x, 3, stride=stride, padding=1, groups=groups, groups_mode=groups_mode
-    )
-    assert seen == [3 if stride == 1 else 2]  # TN, symmetric Gram (, shift Gram)
-    close(result, expected)
-
-
 def _wide(case: Case) -> Case:
     """``case`` with enough input channels per group for ≥ 256 unfolded rows."""
     per_group = math.ceil(2 * MIN_BLOCK_ROWS / kernel_numel(case))
@@ -80,23 +61,54 @@ def _wide(case: Case) -> Case:
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_block_triangular_candidate_over_the_grid(case: Case, monkeypatch):
-    """Every padding mode, dimension, dilation, group count; within a memory budget
-    that forces one sample per chunk, too."""
-    from backpack_tn.tn.evaluate import get_memory_budget, set_memory_budget
-
+@pytest.mark.parametrize("strategy", [None, "window", "pattern"])
+def test_kfac_expand_as_a_gram_over_the_grid(case: Case, strategy, monkeypatch):
+    """The engine evaluates the KFAC-expand network as a symmetric Gram where its
+    form allows (window operands, 1×1 layers), with ≥ 256 rows in several blocks,
+    whole batch or one sample per chunk; every other evaluation stays exact too."""
     case = _wide(case)
     x = case.input()
     u = grouped_unfold(case, x)  # [N, G, C/G·K, O]
-    expected = torch.einsum("ngio,ngjo->gij", u, u)
-    geometry, grouped = tnf._kfac_input(
-        x, case.kernel_size, *case.hyper.values(), "separate"
-    )
+    expected = torch.einsum("ngio,ngjo->gij", u, u) / x.shape[0]
+    grams = []
+
+    def counted(matrix, blocks=None):
+        grams.append(matrix.shape)
+        return symmetric_gram(matrix, blocks)
+
+    monkeypatch.setattr(evaluate_module, "symmetric_gram", counted)
     budget = get_memory_budget()
     try:
-        for limit in (budget, 1):  # the whole batch at once, one sample at a time
+        for limit in (budget, 1):  # whole batch, one sample per chunk
             set_memory_budget(limit)
-            runs = tnf._kfac_runs(grouped, geometry, "expand", True)
-            close(runs["block-triangular"](), expected)
+            with force_strategy(strategy):
+                result = tnf.kfac_input_factor(
+                    x, case.kernel_size, groups_mode="separate", **case.hyper
+                )
+            close(result, expected)
     finally:
         set_memory_budget(budget)
+    if strategy == "window" and case.padding_mode == "zeros":
+        assert grams and all(rows >= 2 * MIN_BLOCK_ROWS for _, rows, _ in grams)
+
+
+def test_gram_form_only_for_gram_networks():
+    geometry = make_geometry((8, 8), 3, 1, 1)
+    window = [
+        net
+        for net in networks("kfac_input", geometry, approx="expand")
+        if net.strategy == "window"
+    ]
+    assert window and all(gram_form(net) is not None for net in window)
+    for op, options in [("kfac_input", {"approx": "reduce"}), ("forward", {})]:
+        for net in networks(op, geometry, **options):
+            assert gram_form(net) is None, (op, net.equation)
+
+
+def test_gram_recognition_can_be_switched_off():
+    x = torch.randn(2, 32, 6, 6, dtype=torch.float64)
+    u = F.unfold(x, 3, padding=1, stride=2)
+    expected = torch.einsum("nio,njo->ij", u, u) / x.shape[0]
+    with gram_recognition(False):
+        close(tnf.kfac_input_factor(x, 3, stride=2, padding=1), expected)
+    close(tnf.kfac_input_factor(x, 3, stride=2, padding=1), expected)

@@ -3,23 +3,27 @@
 ``python -m backpack_tn.bench.candidates [--repeats 3] [--layer 8x512x7x7:k3:s1:p1 …]``
 
 ``kfac_input_factor(approx='expand')`` times its candidates once per problem and keeps
-the fastest (:func:`backpack_tn.tn.evaluate.fastest`): the tensor network, the
-block-triangular Gram (:mod:`backpack_tn.tn.gram`, ≥ 256 unfolded rows) and, for
+the fastest (:func:`backpack_tn.tn.evaluate.fastest`): the tensor network (which the
+engine evaluates as a block-triangular Gram, :mod:`backpack_tn.tn.gram`) and, for
 stride 1, the shift-structured Gram (:mod:`backpack_tn.tn.shifts`). This prints each
-candidate's best-of-``repeats`` time per layer, so the choice can be checked. Default
-layers: ResNet-18 / ResNeXt-like shapes at batch 8.
+candidate's best-of-``repeats`` time per layer, so the choice can be checked; with
+``--plain-gemm`` also the TN evaluated by a full GEMM (``gram_form`` switched off).
+Default layers: ResNet-18 / ResNeXt-like shapes at batch 8.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
+from torch import Tensor
 
 from backpack_tn import functional as tnf
+from backpack_tn.tn.evaluate import gram_recognition
 
 DEFAULT_LAYERS = [
     "8x64x56x56:k3:s1:p1",
@@ -33,13 +37,22 @@ DEFAULT_LAYERS = [
 ]
 
 
-def time_candidates(spec: str, repeats: int) -> Dict[str, float]:
+def _full_gemm(run: Callable[[], Tensor]) -> Tensor:
+    """``run`` with the engine's Gram recognition off: a full GEMM (reference)."""
+    with gram_recognition(False):
+        return run()
+
+
+def time_candidates(
+    spec: str, repeats: int, plain_gemm: bool = False
+) -> Dict[str, float]:
     """Best-of-``repeats`` seconds of every KFAC-expand candidate on one layer.
 
     Args:
         spec: ``NxCxHxW:kK:sS:pP:dD`` (batch, channels, input size; kernel, stride,
             padding, dilation; all but the kernel optional).
         repeats: Timed runs per candidate (interleaved, after one untimed run each).
+        plain_gemm: Also time the TN as a full GEMM (``'tn-full-gemm'``).
 
     Returns:
         Seconds by candidate name (``'tn'`` always).
@@ -63,6 +76,8 @@ def time_candidates(spec: str, repeats: int) -> Dict[str, float]:
         "average",
     )
     runs = tnf._kfac_runs(grouped, geometry, "expand", True)
+    if plain_gemm:
+        runs["tn-full-gemm"] = functools.partial(_full_gemm, runs["tn"])
     for run in runs.values():  # first calls plan, autotune and allocate
         run()
     best = {name: float("inf") for name in runs}
@@ -85,15 +100,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--plain-gemm", action="store_true", help="also the TN as a full GEMM"
+    )
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or 1)
     try:
-        print("| layer | tn [ms] | block-triangular [ms] | shift [ms] |")
-        print("|---|---:|---:|---:|")
+        names = ["tn", "shift"] + ["tn-full-gemm"] * args.plain_gemm
+        print("| layer | " + " | ".join(f"{n} [ms]" for n in names) + " |")
+        print("|---|" + "---:|" * len(names))
         for spec in args.layer:
-            times = time_candidates(spec, args.repeats)
-            cells = [times.get(n) for n in ("tn", "block-triangular", "shift")]
+            times = time_candidates(spec, args.repeats, args.plain_gemm)
+            cells = [times.get(n) for n in names]
             row = " | ".join("—" if t is None else f"{1e3 * t:.1f}" for t in cells)
             print(f"| {spec} | {row} |")
     finally:

@@ -30,6 +30,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import opt_einsum
@@ -38,6 +39,7 @@ from torch import Tensor
 
 from backpack_tn.tn import windows
 from backpack_tn.tn.cache import LRUCache
+from backpack_tn.tn.gram import product_fraction, symmetric_gram
 from backpack_tn.tn.network import Operand, TensorNetwork
 from backpack_tn.tn.patterns import index_pattern
 from backpack_tn.tn.views import apply_views, embed, viewed_shape
@@ -74,6 +76,7 @@ _SETTINGS: Dict[str, object] = {
     "autotune": True,
     "autotune_min_flops": 1e7,  # below (≈ 1 ms): the cost model decides
     "native": True,  # forward/input VJP/weight VJP may run torch's own kernels
+    "gram": True,  # Gram networks by their block upper triangle (gram_form)
 }
 
 
@@ -131,6 +134,26 @@ def set_autotune(enabled: bool, min_flops: Optional[float] = None) -> None:
 def get_autotune() -> Tuple[bool, float]:
     """Whether autotuning is on, and its FLOP threshold."""
     return bool(_SETTINGS["autotune"]), float(_SETTINGS["autotune_min_flops"])
+
+
+@contextmanager
+def gram_recognition(enabled: bool) -> Iterator[None]:
+    """Within the context, evaluate Gram networks by their block upper triangle or not.
+
+    On by default (:func:`gram_form`); off gives the plain GEMM, for comparisons.
+
+    Args:
+        enabled: Whether Gram networks are recognised.
+
+    Yields:
+        Nothing.
+    """
+    previous = _SETTINGS["gram"]
+    _SETTINGS["gram"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _SETTINGS["gram"] = previous
 
 
 @contextmanager
@@ -286,11 +309,65 @@ def _prepare_operand(net: TensorNetwork, op: Operand, tensor: Tensor, drop) -> T
 
 def _contract(net: TensorNetwork, operands: list) -> Tensor:
     """Contract materialised operands (plan from the cache) and apply the epilogue."""
+    if len(operands) == 2 and operands[0] is operands[1] and _SETTINGS["gram"]:
+        form = gram_form(net)
+        if form is not None:
+            return _gram(operands[0], form)
     tensor = operands[0]
     shapes = [tuple(o.shape) for o in operands]
     plan = _plan(net.equation, shapes, tensor.dtype, tensor.device)
     result = plan.expression(*operands)
     return _square_sum(net, result, operands) if net.square_sum else result
+
+
+@lru_cache(maxsize=1024)
+def gram_form(net: TensorNetwork) -> Optional[Tuple[Tuple[int, ...], int, int]]:
+    """Whether ``net`` is the Gram matrix of one operand: ``T Tᵀ`` per batch index.
+
+    That is two operands reading one source the same way, whose axes agree except
+    for renamed *row* axes, and a result ``(batch…, rows…, rows'…)``: the shared axes
+    in the result are batch axes, the others are summed — the KFAC-expand factor,
+    ``Σ_{n,o} u uᵀ``. A GEMM computes both triangles of the symmetric result;
+    :func:`~backpack_tn.tn.gram.symmetric_gram` about half of the products.
+
+    Args:
+        net: A network.
+
+    Returns:
+        ``(perm, batch axes, row axes)``: ``perm`` orders the operand's axes as
+        ``(batch…, rows…, summed…)``; or ``None``.
+    """
+    if len(net.operands) != 2 or net.square_sum:
+        return None
+    a, b = net.operands
+    if a.source is None or (a.source, a.views) != (b.source, b.views):
+        return None
+    axes_a = net.kept(a.contracted_axes)  # as materialised
+    axes_b = net.kept(b.contracted_axes)
+    if len(axes_a) != len(axes_b):
+        return None
+    out = list(net.kept(net.output))
+    partner = {x: y for x, y in zip(axes_a, axes_b) if x != y}
+    if set(partner.values()) & set(axes_a):
+        return None
+    batch = [x for x in out if x in axes_a and x not in partner]
+    rows = [x for x in out if x in partner]
+    summed = [x for x in axes_a if x not in partner and x not in out]
+    if out != batch + rows + [partner[x] for x in rows] or len(rows) != len(partner):
+        return None
+    perm = tuple(axes_a.index(x) for x in batch + rows + summed)
+    return perm, len(batch), len(rows)
+
+
+def _gram(tensor: Tensor, form: Tuple[Tuple[int, ...], int, int]) -> Tensor:
+    """The Gram network's result for its one operand (see :func:`gram_form`)."""
+    perm, num_batch, num_rows = form
+    tensor = tensor.permute(perm)  # the identity for operands in GEMM layout
+    batch = tensor.shape[:num_batch]
+    rows = tensor.shape[num_batch : num_batch + num_rows]
+    # a copy only where the operand is not laid out for the GEMM (e.g. 1×1 layers)
+    matrix = tensor.reshape(math.prod(batch), math.prod(rows), -1)
+    return symmetric_gram(matrix).reshape(*batch, *rows, *rows)
 
 
 def _square_sum(net: TensorNetwork, result: Tensor, operands: list) -> Tensor:
@@ -387,6 +464,11 @@ def candidates(
             sizes = _axis_sizes(net, shapes)
             epilogue = float(math.prod(sizes[a] for a in net.kept(net.output)))
         base = plan.flops + epilogue
+        form = gram_form(net) if _SETTINGS["gram"] else None
+        if form is not None:  # evaluated as a symmetric Gram: fewer products
+            perm, num_batch, num_rows = form
+            rows = math.prod(op_shapes[0][i] for i in perm[num_batch:][:num_rows])
+            base = plan.flops * product_fraction(rows) + epilogue
         cost = base + COPY_COST * copied + CALL_COST * calls
         op_shapes = tuple(op_shapes)
         result.append(
@@ -574,27 +656,23 @@ def _prepared_einsum(
             builders.append((op.source, build))
         slots.append(shared[key])
     plan: list = []  # the contraction plan, looked up on the first call
+    gram = gram_form(net) if _SETTINGS["gram"] else None
 
     def run(tensors: Mapping[str, Tensor]) -> Tensor:
         built = [build(tensors[source]) for source, build in builders]
-        any_tensor = built[0] if built else next(iter(tensors.values()))
         operands = [
             built[s]
             if isinstance(s, int)
             else index_pattern(
-                s.geometry,
-                rows=s.rows,
-                reduced=s.reduced,
-                dtype=any_tensor.dtype,
-                device=any_tensor.device,
+                s.geometry, rows=s.rows, reduced=s.reduced, dtype=dtype, device=device
             )
             for s in slots
         ]
+        if gram is not None and operands[0] is operands[1]:
+            return _gram(operands[0], gram)
         if not plan:
-            shapes = [tuple(o.shape) for o in operands]
-            plan.append(
-                _plan(net.equation, shapes, any_tensor.dtype, any_tensor.device)
-            )
+            sizes = [tuple(o.shape) for o in operands]
+            plan.append(_plan(net.equation, sizes, dtype, device))
         if not net.square_sum:
             return plan[0].expression(*operands)
         return _square_sum(net, plan[0].expression(*operands), operands)
@@ -686,18 +764,23 @@ def evaluate(
         _SETTINGS["autotune"],
         _SETTINGS["autotune_min_flops"],
         _SETTINGS["budget"],
+        _SETTINGS["gram"],
         windows.SMALL_WINDOW_ELEMENTS_PER_TAP,
     )
     prepared = _PREPARED.get(prepared_key)
     if prepared is not None:
         return prepared(tensors)
-    options_key = (id(formulations), _SETTINGS["forced"], key)
+    options_key = (id(formulations), _SETTINGS["forced"], _SETTINGS["gram"], key)
     formulations, options, cheapest = _CANDIDATES.get_or_create(
         options_key, lambda: _rank(formulations, shapes, dtype, device)
     )
     # The equations and input shapes alone do not identify a problem: two strides
     # over the same input share both (the pattern operands' shapes tell them apart).
-    key = (tuple((c.network.equation, c.executor, c.shapes) for c in options), key)
+    key = (
+        tuple((c.network.equation, c.executor, c.shapes) for c in options),
+        key,
+        _SETTINGS["gram"],
+    )
     tune = (
         _SETTINGS["autotune"]
         and len(options) > 1

@@ -25,6 +25,17 @@ MIN_BLOCK_ROWS = 128
 MAX_BLOCKS = 8
 
 
+def default_blocks(rows: int) -> int:
+    """Blocks :func:`symmetric_gram` uses for ``rows`` rows by default."""
+    return max(1, min(MAX_BLOCKS, rows // MIN_BLOCK_ROWS))
+
+
+def product_fraction(rows: int) -> float:
+    """Fraction of a GEMM's products that :func:`symmetric_gram` computes by default."""
+    blocks = min(default_blocks(rows), max(rows, 1))
+    return (blocks + 1) / (2 * blocks)
+
+
 def symmetric_gram(u: Tensor, blocks: int | None = None) -> Tensor:
     """``u uᵀ`` for a batch of matrices, computing only the block upper triangle.
 
@@ -43,7 +54,7 @@ def symmetric_gram(u: Tensor, blocks: int | None = None) -> Tensor:
     """
     batch, rows, _ = u.shape
     if blocks is None:
-        blocks = max(1, min(MAX_BLOCKS, rows // MIN_BLOCK_ROWS))
+        blocks = default_blocks(rows)
     if blocks < 1:
         raise ValueError(f"blocks must be positive, got {blocks}.")
     blocks = min(blocks, max(rows, 1))
@@ -58,4 +69,10 @@ def symmetric_gram(u: Tensor, blocks: int | None = None) -> Tensor:
     return out
 
 
-__all__ = ["symmetric_gram", "MIN_BLOCK_ROWS", "MAX_BLOCKS"]
+__all__ = [
+    "symmetric_gram",
+    "default_blocks",
+    "product_fraction",
+    "MIN_BLOCK_ROWS",
+    "MAX_BLOCKS",
+]
