@@ -562,11 +562,15 @@ _TUNED: LRUCache[int] = LRUCache("autotune", maxsize=1024)
 #: Autotuning times the candidates in interleaved rounds (A B, B A, A B, ...): at
 #: least ``_MIN_ROUNDS`` of them; after that, candidates that have not yet spent
 #: ``_MIN_MEASURE_SECONDS`` (cheap ones, whose single runs are noisy) run more rounds,
-#: at most ``_MAX_ROUNDS`` in all. A candidate's fastest run counts. Timing one
-#: candidate after the other let a noisy spell (another process, page faults) hit one
+#: at most ``_MAX_ROUNDS`` in all. In a round each candidate runs twice in a row and
+#: the second run is timed: right after another candidate freed its buffers, a run
+#: pays page faults and cold caches that say nothing about repeated calls of that
+#: candidate (timed alone, such first runs made the engine keep a 1.6x slower
+#: candidate). A candidate's fastest timed run counts. Timing one candidate after the
+#: other instead of interleaving let a noisy spell (another process) hit one
 #: candidate only and fix a wrong choice for the rest of the process.
 _MIN_MEASURE_SECONDS = 0.02
-_MIN_ROUNDS = 3
+_MIN_ROUNDS = 2
 _MAX_ROUNDS = 10
 
 
@@ -575,10 +579,10 @@ def _time_interleaved(
 ) -> Tuple[Tensor, int]:
     """Time equivalent runs in interleaved rounds; return the fastest's result, index.
 
-    The first run of a candidate pays one-time costs (fresh allocations, cold
-    caches) and the minimum over rounds discards them. Planning time (first use of
-    an einsum expression) is discounted. At most two results are alive at once:
-    the fastest run's so far and the one being timed.
+    Each round runs every candidate twice and times the second run (the first pays
+    one-time costs: fresh allocations, cold caches). Planning time (first use of an
+    einsum expression) is discounted. At most two results are alive at once: the
+    fastest run's so far and the one being timed.
     """
     spent = [0.0] * len(runs)
     winner, winner_time, winner_result = 0, math.inf, None
@@ -591,6 +595,7 @@ def _time_interleaved(
         if not timed:
             break
         for i in timed if rounds % 2 == 0 else reversed(timed):
+            runs[i]()  # untimed: warms this candidate's buffers and caches
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start, planning = time.perf_counter(), _PLANNING_SECONDS[0]
