@@ -83,6 +83,7 @@ def time_candidates(
     best = {name: float("inf") for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
+            run()  # untimed: the other candidate's freed buffers cost page faults
             start = time.perf_counter()
             run()
             best[name] = min(best[name], time.perf_counter() - start)

@@ -467,8 +467,10 @@ def candidates(
         form = gram_form(net) if _SETTINGS["gram"] else None
         if form is not None:  # evaluated as a symmetric Gram: fewer products
             perm, num_batch, num_rows = form
-            rows = math.prod(op_shapes[0][i] for i in perm[num_batch:][:num_rows])
-            base = plan.flops * product_fraction(rows) + epilogue
+            shape = op_shapes[0]
+            rows = math.prod(shape[i] for i in perm[num_batch:][:num_rows])
+            inner = math.prod(shape[i] for i in perm[num_batch + num_rows :])
+            base = plan.flops * product_fraction(rows, inner) + epilogue
         cost = base + COPY_COST * copied + CALL_COST * calls
         op_shapes = tuple(op_shapes)
         result.append(
