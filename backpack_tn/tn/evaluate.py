@@ -282,19 +282,31 @@ def _materialise_all(
                 )
             )
             continue
-        drop = tuple(p for p, a in enumerate(op.axes) if a in net.dropped)
-        # Copies of one input (e.g. both sides of a Kronecker factor) differ in axis
-        # names only: key by the permutation, so the unfolded input is built once.
-        layout = None if op.layout is None else tuple(map(op.axes.index, op.layout))
-        key = (op.source, op.views, drop, layout)
+        key, drop = _operand_key(net, op)
         if key not in done:
             done[key] = _prepare_operand(net, op, tensors[op.source], drop)
         operands.append(done[key])
     return operands
 
 
+def _operand_key(net: TensorNetwork, op: Operand) -> Tuple[tuple, tuple]:
+    """What identifies a prepared input operand, and its dropped axis positions.
+
+    Copies of one input (e.g. both sides of a Kronecker factor) differ in axis names
+    only: keyed by the permutation, the unfolded input is built once.
+    """
+    drop = tuple(p for p, a in enumerate(op.axes) if a in net.dropped)
+    layout = None if op.layout is None else tuple(map(op.axes.index, op.layout))
+    return (op.source, op.views, drop, layout), drop
+
+
+def _direct_windows(net: TensorNetwork, op: Operand, drop: tuple) -> bool:
+    """Whether the operand is unfolded straight into its layout (``im2col``)."""
+    return op.layout is not None and not drop and supports_direct_windows(op, net.plans)
+
+
 def _prepare_operand(net: TensorNetwork, op: Operand, tensor: Tensor, drop) -> Tensor:
-    if op.layout is not None and not drop and supports_direct_windows(op, net.plans):
+    if _direct_windows(net, op, drop):
         return im2col(tensor, op, net.plans, op.layout)
     tensor = apply_views(tensor, op.views)
     tensor = tensor.squeeze(drop) if drop else tensor
@@ -500,8 +512,7 @@ def _window_cost(
 ) -> Tuple[int, int]:
     """Torch calls and copied elements to build a window operand (as ``im2col``)."""
     elements = math.prod(shape)
-    drop = any(a in net.dropped for a in op.axes)
-    if drop or not supports_direct_windows(op, net.plans):
+    if not _direct_windows(net, op, _operand_key(net, op)[1]):
         return 1, elements  # views, then one contiguous copy
     lead = tuple(source[: len(source) - len(net.plans)])
     dims = window_dims(net.plans)
@@ -647,15 +658,9 @@ def _prepared_einsum(
         if op.source is None:
             slots.append(op.pattern)
             continue
-        drop = tuple(p for p, a in enumerate(op.axes) if a in net.dropped)
-        layout = None if op.layout is None else tuple(map(op.axes.index, op.layout))
-        key = (op.source, op.views, drop, layout)
+        key, drop = _operand_key(net, op)
         if key not in shared:
-            if (
-                op.layout is not None
-                and not drop
-                and supports_direct_windows(op, net.plans)
-            ):
+            if _direct_windows(net, op, drop):
                 build = window_builder(shapes[op.source], op, net.plans, op.layout)
             else:
                 build = functools.partial(_prepare_operand, net, op, drop=drop)

@@ -200,14 +200,7 @@ def window_builder(
     )
     if recipe is None:
         return lambda x: im2col(x, op, plans, layout)
-    source_shape, arguments, cols_shape, perm = recipe
-
-    def build(x: Tensor) -> Tensor:
-        cols = F.unfold(_prepare(x, dims, lead).reshape(source_shape), *arguments)
-        cols = cols.view(cols_shape)
-        return cols if perm is None else cols.permute(perm).contiguous()
-
-    return build
+    return lambda x: _unfold_by(_prepare(x, dims, lead), recipe)
 
 
 def unfold_mode(
@@ -269,8 +262,11 @@ def _torch_unfold(
     recipe = _unfold_recipe(
         tuple(x.shape), dims, op, tuple(layout), lead, SMALL_WINDOW_ELEMENTS_PER_TAP
     )
-    if recipe is None:
-        return None
+    return None if recipe is None else _unfold_by(x, recipe)
+
+
+def _unfold_by(x: Tensor, recipe: tuple) -> Tensor:
+    """The torch calls of an :func:`_unfold_recipe` on the (prepared) source ``x``."""
     source_shape, arguments, cols_shape, perm = recipe
     cols = F.unfold(x.reshape(source_shape), *arguments).view(cols_shape)
     return cols if perm is None else cols.permute(perm).contiguous()
