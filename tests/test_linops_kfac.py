@@ -379,6 +379,118 @@ def test_unsupported_layer_raises_like_curvlinops():
 # ---------------------------------------------------------------------------------
 
 
+# --- the backward pass differentiates w.r.t. the layer outputs only ---------------
+
+
+class ResidualBlock(nn.Module):
+    """Conv, in-place ReLU, conv, in-place residual add: the edges must survive."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.conv1(x))
+        out = self.conv2(out)
+        out += x
+        return self.relu(out)
+
+
+def residual_net() -> nn.Module:
+    torch.manual_seed(2)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(inplace=True),
+        ResidualBlock(),
+        nn.Flatten(),
+        nn.Linear(3 * 6 * 6, 4),
+    ).to(DTYPE)
+
+
+def weight_gradients_seen(model: nn.Module, run) -> int:
+    """How many parameter gradients autograd computes while ``run()`` runs."""
+    seen = []
+    handles = [p.register_hook(lambda g: seen.append(1)) for p in model.parameters()]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return len(seen)
+
+
+BACKPROPAGATING = ["type-2", "mc", "empirical"]
+
+
+@pytest.mark.parametrize("fisher", BACKPROPAGATING)
+@pytest.mark.parametrize("cls", ["KFAC", "EKFAC"])
+def test_no_parameter_gradients_and_same_factors(cls, fisher):
+    model, data = residual_net(), loader((2, 6, 6), batch_size=30)
+    loss = nn.CrossEntropyLoss()
+    ours_cls, ref_cls = {
+        "KFAC": (KFACLinearOperator, curvlinops.KFACLinearOperator),
+        "EKFAC": (EKFACLinearOperator, curvlinops.EKFACLinearOperator),
+    }[cls]
+    ours = build(ours_cls, model, loss, data, fisher_type=fisher)
+    ref = build(ref_cls, model, loss, data, fisher_type=fisher)
+    torch.testing.assert_close(dense(ours), dense(ref), rtol=1e-8, atol=1e-12)
+
+    recompute = {
+        "KFAC": lambda op: op.compute_kronecker_factors,
+        "EKFAC": lambda op: op.compute_eigenvalue_correction,
+    }[cls]
+    # the stock operator pays a gradient for every parameter, per batch and backward
+    assert weight_gradients_seen(model, recompute(ref)) > 0
+    assert weight_gradients_seen(model, recompute(ours)) == 0
+    assert "_tn_output_edges" not in ours.__dict__  # nothing holds the graph
+
+
+def test_forward_only_fisher_unchanged():
+    model, data = residual_net(), loader((2, 6, 6))
+    kw = dict(fisher_type="forward-only")
+    ours = build(KFACLinearOperator, model, nn.CrossEntropyLoss(), data, **kw)
+    ref = build(curvlinops.KFACLinearOperator, model, nn.CrossEntropyLoss(), data, **kw)
+    torch.testing.assert_close(dense(ours), dense(ref), **TOL)
+
+
+class FailOnce(nn.Module):
+    """Raises on its first call: a forward pass that never gets its backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("first call fails")
+        return x
+
+
+def test_failed_forward_leaves_no_stale_edges():
+    data, loss = loader((2, 6, 6)), nn.CrossEntropyLoss()
+
+    def failed_then_computed(cls):
+        torch.manual_seed(3)
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3), FailOnce(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)
+        ).to(DTYPE)
+        op = build(cls, model, loss, data)
+        with pytest.raises(RuntimeError, match="first call fails"):
+            op.compute_kronecker_factors()
+        assert "_tn_output_edges" not in op.__dict__
+        op.compute_kronecker_factors()  # a stale edge would not be in this graph
+        return dense(op)
+
+    torch.testing.assert_close(
+        failed_then_computed(KFACLinearOperator),
+        failed_then_computed(curvlinops.KFACLinearOperator),
+        **TOL,
+    )
+
+
 @pytest.fixture
 def restore_install():
     yield
@@ -395,8 +507,15 @@ def test_install_routes_curvlinops_classes(cls, restore_install):
 
     backpack_tn.install()
     assert backpack_tn.is_installed()
-    routed = dense(build(stock_cls, model, loss, data, fisher_type="type-2"))
-    torch.testing.assert_close(routed, reference, rtol=1e-8, atol=1e-12)
+    op = build(stock_cls, model, loss, data, fisher_type="type-2")
+    torch.testing.assert_close(dense(op), reference, rtol=1e-8, atol=1e-12)
+    # curvlinops' own class differentiates w.r.t. the layer outputs only, too
+    again = (
+        op.compute_kronecker_factors
+        if cls == "KFAC"
+        else op.compute_eigenvalue_correction
+    )
+    assert weight_gradients_seen(model, again) == 0
 
     backpack_tn.uninstall()
     assert not backpack_tn.is_installed()

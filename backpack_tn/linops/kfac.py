@@ -29,6 +29,7 @@ TN statistics and the extra layers too.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, Tuple
 
@@ -38,6 +39,7 @@ from curvlinops.ekfac import EKFACLinearOperator as _CurvEKFAC
 from curvlinops.kfac import FisherType, KFACType
 from curvlinops.kfac import KFACLinearOperator as _CurvKFAC
 from torch import Tensor
+from torch.autograd.graph import get_gradient_edge
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
 from backpack_tn import functional as tnf
@@ -70,7 +72,31 @@ _STOCK = {
     (_CurvEKFAC, "_accumulate_corrected_eigenvalues"): _CurvEKFAC.__dict__[
         "_accumulate_corrected_eigenvalues"
     ],
+    (_CurvKFAC, "_compute_loss_and_backward"): _CurvKFAC.__dict__[
+        "_compute_loss_and_backward"
+    ],
+    (_CurvKFAC, "compute_kronecker_factors"): _CurvKFAC.__dict__[
+        "compute_kronecker_factors"
+    ],
+    (_CurvEKFAC, "compute_eigenvalue_correction"): _CurvEKFAC.__dict__[
+        "compute_eigenvalue_correction"
+    ],
+    (
+        _CurvKFAC,
+        "_register_tensor_hook_on_output_to_accumulate_gradient_covariance",
+    ): _CurvKFAC.__dict__[
+        "_register_tensor_hook_on_output_to_accumulate_gradient_covariance"
+    ],
+    (
+        _CurvEKFAC,
+        "_register_tensor_hook_on_output_to_accumulate_corrected_eigenvalues",
+    ): _CurvEKFAC.__dict__[
+        "_register_tensor_hook_on_output_to_accumulate_corrected_eigenvalues"
+    ],
 }
+
+# Fisher types whose factors come from backpropagated gradients of the layer outputs.
+_BACKPROPAGATING = (FisherType.TYPE2, FisherType.MC, FisherType.EMPIRICAL)
 
 
 def _averaged_hyperparameters(module: Module) -> dict:
@@ -107,6 +133,54 @@ def _joint_bias(op: _CurvKFAC, module_name: str) -> bool:
     return "weight" in params and "bias" in params and not op._separate_weight_and_bias
 
 
+def _remember_output_edge(op: _CurvKFAC, output: Tensor) -> None:
+    """Keep where autograd delivers the gradient of a hooked layer's output."""
+    # The edge, not the tensor: an in-place activation after the layer (ReLU in
+    # torchvision's ResNets) re-binds the tensor to a later node of the graph.
+    op.__dict__.setdefault("_tn_output_edges", []).append(get_gradient_edge(output))
+
+
+def _compute_loss_and_backward(self: _CurvKFAC, output: Tensor, y: Tensor) -> None:
+    """Curvlinops' backward pass(es), differentiating w.r.t. the layer outputs only.
+
+    The Kronecker factors and EKFAC's correction only read the gradients w.r.t. the
+    outputs of the hooked layers (their tensor hooks fire as those are computed);
+    curvlinops differentiates w.r.t. the parameters and discards the result, paying
+    every layer's weight-gradient contraction. Asking autograd for the output
+    gradients instead gives the same hooks the same tensors without that work.
+    """
+    edges = self.__dict__.pop("_tn_output_edges", [])
+    stock = _STOCK[(_CurvKFAC, "_compute_loss_and_backward")]
+    if self._fisher_type not in _BACKPROPAGATING or not edges:
+        return stock(self, output, y)
+    # curvlinops passes ``self._params`` as the inputs of ``torch.autograd.grad``
+    # in the backpropagating branches (and reads nothing else from it there)
+    params = self._params
+    self._params = edges
+    try:
+        return stock(self, output, y)
+    finally:
+        self._params = params
+
+
+def _forgetting_edges(method):
+    """``method`` that drops edges left by a forward pass that never got a backward.
+
+    (An exception between the two; the stale edges would hold the old graph and
+    belong to no later loss.)
+    """
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self.__dict__.pop("_tn_output_edges", None)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.__dict__.pop("_tn_output_edges", None)
+
+    return wrapper
+
+
 class KFACLinearOperator(_CurvKFAC):
     """curvlinops' ``KFACLinearOperator`` with TN convolution statistics.
 
@@ -117,6 +191,28 @@ class KFACLinearOperator(_CurvKFAC):
     """
 
     _SUPPORTED_MODULES = SUPPORTED_MODULES
+    _compute_loss_and_backward = _compute_loss_and_backward
+    compute_kronecker_factors = _forgetting_edges(_CurvKFAC.compute_kronecker_factors)
+
+    def _register_tensor_hook_on_output_to_accumulate_gradient_covariance(
+        self, module: Module, inputs: Tuple[Tensor], output: Tensor, module_name: str
+    ):
+        """Forward hook: curvlinops' tensor hook on the output, and its gradient edge.
+
+        Args:
+            module: The layer.
+            inputs: Its inputs.
+            output: Its output.
+            module_name: The layer's name in the model.
+        """
+        stock = _STOCK[
+            (
+                _CurvKFAC,
+                "_register_tensor_hook_on_output_to_accumulate_gradient_covariance",
+            )
+        ]
+        stock(self, module, inputs, output, module_name)
+        _remember_output_edge(self, output)
 
     def _hook_accumulate_input_covariance(
         self, module: Module, inputs: Tuple[Tensor], module_name: str
@@ -284,6 +380,29 @@ class EKFACLinearOperator(_CurvEKFAC, KFACLinearOperator):
     """
 
     _SUPPORTED_MODULES = SUPPORTED_MODULES
+    compute_eigenvalue_correction = _forgetting_edges(
+        _CurvEKFAC.compute_eigenvalue_correction
+    )
+
+    def _register_tensor_hook_on_output_to_accumulate_corrected_eigenvalues(
+        self, module: Module, inputs: Tuple[Tensor], output: Tensor, module_name: str
+    ):
+        """Forward hook: curvlinops' tensor hook on the output, and its gradient edge.
+
+        Args:
+            module: The layer.
+            inputs: Its inputs.
+            output: Its output.
+            module_name: The layer's name in the model.
+        """
+        stock = _STOCK[
+            (
+                _CurvEKFAC,
+                "_register_tensor_hook_on_output_to_accumulate_corrected_eigenvalues",
+            )
+        ]
+        stock(self, module, inputs, output, module_name)
+        _remember_output_edge(self, output)
 
     def _accumulate_corrected_eigenvalues(
         self, grad_output: Tensor, module: Module, module_name: str
@@ -311,6 +430,25 @@ _PATCHES = {
     ],
     (_CurvEKFAC, "_accumulate_corrected_eigenvalues"): EKFACLinearOperator.__dict__[
         "_accumulate_corrected_eigenvalues"
+    ],
+    (_CurvKFAC, "_compute_loss_and_backward"): _compute_loss_and_backward,
+    (_CurvKFAC, "compute_kronecker_factors"): KFACLinearOperator.__dict__[
+        "compute_kronecker_factors"
+    ],
+    (_CurvEKFAC, "compute_eigenvalue_correction"): EKFACLinearOperator.__dict__[
+        "compute_eigenvalue_correction"
+    ],
+    (
+        _CurvKFAC,
+        "_register_tensor_hook_on_output_to_accumulate_gradient_covariance",
+    ): KFACLinearOperator.__dict__[
+        "_register_tensor_hook_on_output_to_accumulate_gradient_covariance"
+    ],
+    (
+        _CurvEKFAC,
+        "_register_tensor_hook_on_output_to_accumulate_corrected_eigenvalues",
+    ): EKFACLinearOperator.__dict__[
+        "_register_tensor_hook_on_output_to_accumulate_corrected_eigenvalues"
     ],
 }
 

@@ -112,9 +112,10 @@ def shift_gram(x: Tensor, geometry: ConvGeometry) -> Tensor:
     row = math.prod(sizes)  # flattened positions per index of the first dim
     strides = [row] + [math.prod(sizes[j + 1 :]) for j in range(len(sizes))]
 
-    lead = (slice(None),) * 3
-    gram = x.new_zeros(batch, channels, *kernel, channels, *kernel)
-    spatial = tuple(range(len(dims)))
+    # Every tap pair's block is written exactly once (or its mirror is), so the
+    # result starts uninitialised; pairs that never overlap are zeroed at the end.
+    gram = x.new_empty(batch, channels, *kernel, channels, *kernel)
+    written = set()
     zero = (0,) * len(dims)
     for offset in itertools.product(*(range(1 - k, k) for k in kernel)):
         if offset < zero:
@@ -126,39 +127,103 @@ def shift_gram(x: Tensor, geometry: ConvGeometry) -> Tensor:
         if any(not p.segments for p in plans):
             continue  # the taps never overlap inside the input
         shift = sum(p.shift * s for p, s in zip(plans, strides))
-        boxes = x.new_empty(
-            *(len(p.segments) for p in plans), batch, channels, channels
-        )
-        # the largest segment of every trailing dimension: its boxes come from the
-        # whole-row sums minus the (thin) other boxes
-        bulk = tuple(
-            max(range(len(p.segments)), key=lambda i, p=p: _length(p.segments[i]))
-            for p in plans[1:]
-        )
-        rest = list(itertools.product(*(range(len(p.segments)) for p in plans[1:])))
-        for s1, (a, b) in enumerate(plans[0].segments):
-            start = a * row  # whole padded rows a, …, b − 1
-            length = (b - a) * row
-            first = padded[..., start : start + length]
-            second = padded[..., start + shift : start + shift + length]
-            rows = _row_sum(first, second)  # [B, C, C]
-            for index in rest:
-                if index == bulk:
-                    continue
-                boxes[(s1, *index)] = _box(x, plans, (s1, *index), lead)
-                rows = rows - boxes[(s1, *index)]
-            boxes[(s1, *bulk)] = rows
+        rows = [
+            _row_sum(
+                padded[..., a * row : b * row],
+                padded[..., a * row + shift : b * row + shift],
+            )
+            for a, b in plans[0].segments
+        ]  # whole padded rows of every segment of the first dimension: [B, C, C]
+        blocks = _OffsetBlocks(x, plans, rows)
         for covers in itertools.product(*(p.cover for p in plans)):
             taps = tuple(k for k, _, _ in covers)
             partners = tuple(k + o for k, o in zip(taps, offset))
-            ranges = tuple(slice(first, stop) for _, first, stop in covers)
-            total = boxes[ranges].sum(spatial)  # empty cover: zeros
-            gram[(slice(None), slice(None), *taps, slice(None), *partners)] = total
+            block = blocks.cover(tuple((first, stop) for _, first, stop in covers))
+            if block is None:
+                continue  # the windows never overlap: zeroed below
+            gram[(slice(None), slice(None), *taps, slice(None), *partners)] = block
+            written.add((taps, partners))
             if offset != zero:
+                # a transposed write into the strided block is slow: transpose into
+                # contiguous memory first
                 mirror = (slice(None), slice(None), *partners, slice(None), *taps)
-                gram[mirror] = total.transpose(1, 2)
+                gram[mirror] = block.transpose(1, 2).contiguous()
+                written.add((partners, taps))
+    for taps in itertools.product(*map(range, kernel)):
+        for partners in itertools.product(*map(range, kernel)):
+            if (taps, partners) not in written:
+                gram[(slice(None), slice(None), *taps, slice(None), *partners)] = 0
     size = channels * math.prod(kernel)
     return gram.reshape(batch, size, size)
+
+
+class _OffsetBlocks:
+    """Sums over the boxes of one tap offset ``δ``, shared by its tap pairs.
+
+    The first dimension's segments are summed over whole (margin-padded) rows by one
+    GEMM each (``rows``). A tap pair covers a range of those segments and a box of
+    the trailing dimensions' segments; its block is the row sums over its range minus
+    the thin trailing boxes outside its box (or, if its box misses the largest
+    trailing segment, the sum of the boxes inside). Thin boxes are one GEMM over the
+    pair's whole row range each, and every sum is kept for the other pairs.
+    """
+
+    def __init__(self, x: Tensor, plans, rows):
+        self.x, self.plans, self.rows = x, plans, rows
+        trailing = plans[1:]
+        self.grid = list(itertools.product(*(range(len(p.segments)) for p in trailing)))
+        # the largest segment of every trailing dimension
+        self.bulk = tuple(
+            max(range(len(p.segments)), key=lambda i, p=p: _length(p.segments[i]))
+            for p in trailing
+        )
+        self._row_ranges, self._boxes = {}, {}
+
+    def cover(self, ranges):
+        """The block of a tap pair covering ``[first, stop)`` segments per dimension.
+
+        Returns ``None`` for an empty cover.
+        """
+        if any(first == stop for first, stop in ranges):
+            return None
+        span, inner = ranges[0], ranges[1:]
+        inside = set(itertools.product(*(range(*r) for r in inner)))
+        if self.bulk not in inside:
+            terms = [self._box(span, index) for index in sorted(inside)]
+            return terms[0] if len(terms) == 1 else torch.stack(terms).sum(0)
+        block = self._rows(span)
+        outside = [index for index in self.grid if index not in inside]
+        if outside:
+            block = block - sum(self._box(span, index) for index in outside)
+        return block
+
+    def _rows(self, span):
+        if span not in self._row_ranges:
+            parts = self.rows[span[0] : span[1]]
+            total = parts[0]
+            for part in parts[1:]:
+                total = total + part
+            self._row_ranges[span] = total
+        return self._row_ranges[span]
+
+    def _box(self, span, index):
+        """``Σ_{n, t ∈ box} x[c, t] x[c', t + δ]``: rows of ``span``, ``index``."""
+        key = (span, index)
+        if key not in self._boxes:
+            first_dim = self.plans[0]
+            bounds = [
+                (first_dim.segments[span[0]][0], first_dim.segments[span[1] - 1][1])
+            ]
+            bounds += [p.segments[i] for p, i in zip(self.plans[1:], index)]
+            lead = (slice(None),) * 3
+            first = lead + tuple(slice(a, b) for a, b in bounds)
+            second = lead + tuple(
+                slice(a + p.shift, b + p.shift) for (a, b), p in zip(bounds, self.plans)
+            )
+            self._boxes[key] = torch.einsum(
+                "bnc...,bnd...->bcd", self.x[first], self.x[second]
+            )
+        return self._boxes[key]
 
 
 def _row_sum(first: Tensor, second: Tensor) -> Tensor:
@@ -178,16 +243,6 @@ def _row_sum(first: Tensor, second: Tensor) -> Tensor:
 
 def _length(segment: Tuple[int, int]) -> int:
     return segment[1] - segment[0]
-
-
-def _box(x: Tensor, plans, index, lead) -> Tensor:
-    """``Σ_{n, t ∈ box} x[c, t] x[c', t + δ]`` for one box: ``[B, C, C']``."""
-    first = lead + tuple(slice(*p.segments[i]) for p, i in zip(plans, index))
-    second = lead + tuple(
-        slice(p.segments[i][0] + p.shift, p.segments[i][1] + p.shift)
-        for p, i in zip(plans, index)
-    )
-    return torch.einsum("bnc...,bnd...->bcd", x[first], x[second])
 
 
 __all__ = ["shift_gram", "supports_shift_gram"]
