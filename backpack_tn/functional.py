@@ -24,7 +24,13 @@ from torch import Tensor
 from backpack_tn.tn.conv import networks
 from backpack_tn.tn.evaluate import evaluate, fastest, native_allowed
 from backpack_tn.tn.geometry import ConvGeometry, IntOrTuple, Padding, make_geometry
-from backpack_tn.tn.shifts import shift_gram, supports_shift_gram
+from backpack_tn.tn.shifts import (
+    polyphase_gram,
+    polyphase_products,
+    shift_gram,
+    supports_polyphase_gram,
+    supports_shift_gram,
+)
 
 __all__ = [
     "conv",
@@ -555,15 +561,23 @@ def _kfac_runs(
     The KFAC-expand factor is a Gram matrix, which the engine evaluates by its block
     upper triangle (:func:`backpack_tn.tn.evaluate.gram_form`); with stride 1 the
     shift-structured Gram needs far fewer products still, but on small maps of wide
-    layers its box sums outweigh them. The caller measures.
+    layers its box sums outweigh them; with a larger stride the same holds over the
+    input's phases where kernels are large (polyphase Gram). The caller measures.
     """
     runs = {
         "tn": lambda: _run(
             "kfac_input", geometry, simplify, {"x": grouped}, approx=approx
         )
     }
-    if approx == "expand" and simplify and supports_shift_gram(geometry):
-        runs["shift"] = functools.partial(shift_gram, grouped.transpose(0, 1), geometry)
+    if approx != "expand" or not simplify:
+        return runs
+    problems = grouped.transpose(0, 1)  # [G, N, C/G, *I]
+    if supports_shift_gram(geometry):
+        runs["shift"] = functools.partial(shift_gram, problems, geometry)
+    elif supports_polyphase_gram(geometry):
+        poly, tn = polyphase_products(geometry, grouped.shape[2])
+        if poly < tn:  # large kernels at a small stride; never 3×3 at stride 2
+            runs["polyphase"] = functools.partial(polyphase_gram, problems, geometry)
     return runs
 
 

@@ -226,10 +226,13 @@ def test_merge_takes_the_minimum_over_runs_and_concatenates_parts(tmp_path):
 def test_candidates_command_times_every_kfac_expand_candidate(capsys):
     from backpack_tn.bench.candidates import main as candidates_main
 
-    layers = ["2x32x6x6:k3:s1:p1", "2x32x6x6:k3:s2:p1", "2x4x6x6:k3:s2:p1"]
+    layers = ["2x32x6x6:k3:s1:p1", "2x32x6x6:k3:s2:p1", "2x3x12x12:k7:s2:p3"]
     assert candidates_main(["--layer", *layers, "--repeats", "1"]) == 0
     rows = capsys.readouterr().out.splitlines()[2:]
-    # stride 1: the TN and the shift Gram; stride 2: the TN only
-    assert [row.count("—") for row in rows] == [0, 1, 1]
+    # stride 1: the TN and the shift Gram; 3×3 stride 2: the TN only; 7×7 stride 2:
+    # the TN and the polyphase Gram
+    assert [row.count("—") for row in rows] == [1, 2, 1]
+    assert rows[0].split("|")[4].strip() == "—"  # no polyphase Gram at stride 1
+    assert rows[2].split("|")[3].strip() == "—"  # no shift Gram at stride 2
     with pytest.raises(ValueError, match="expected"):
         candidates_main(["--layer", "2x4x6x6:s2"])

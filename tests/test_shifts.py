@@ -1,4 +1,4 @@
-"""The shift-structured Gram (KFAC-expand for stride 1) against the unfolded input."""
+"""The shift-structured and polyphase Grams (KFAC-expand) against the unfolded input."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ from unfoldNd import unfoldNd
 
 from backpack_tn import functional as tnf
 from backpack_tn.tn import make_geometry
-from backpack_tn.tn.shifts import shift_gram, supports_shift_gram
+from backpack_tn.tn.shifts import (
+    polyphase_gram,
+    polyphase_products,
+    shift_gram,
+    supports_polyphase_gram,
+    supports_shift_gram,
+)
 from tests.cases import CASES, Case, grouped_unfold
 from tests.test_functional import close
 
@@ -109,4 +115,133 @@ def test_kfac_expand_candidates_agree(case: Case, groups_mode, monkeypatch):
         x, case.kernel_size, groups_mode=groups_mode, **case.hyper
     )
     assert seen == [2]  # the TN and the shift Gram
+    close(result, expected)
+
+
+# --- strided convolutions: the polyphase Gram --------------------------------------
+
+# (kernel, stride, padding, dilation); sizes below are not multiples of the strides
+POLY_GEOMETRIES = [
+    (7, 2, 3, 1),  # ResNet stem
+    (11, 4, 2, 1),  # AlexNet stem
+    (3, 2, 1, 1),
+    (5, 3, 2, 1),
+    (4, 2, 1, 1),  # even kernel
+    (3, 2, 0, 2),  # dilation 2 = stride: every tap in one phase
+    (5, 2, 4, 1),  # padding beyond the phase's kernel
+    ((7, 3, 5), (2, 1, 3), (3, 1, 0), 1),  # per-dimension, one dimension stride 1
+]
+POLY_SIZES = {1: (23,), 2: (17, 14), 3: (11, 9, 10)}
+
+
+def _unfolded_gram(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+    """``Σ_n Σ_o u uᵀ`` from ``unfoldNd`` with the convolution's own stride."""
+    batch, samples, channels, *size = x.shape
+    u = unfoldNd(
+        x.reshape(batch * samples, channels, *size),
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+    )
+    u = u.reshape(batch, samples, *u.shape[1:])
+    return torch.einsum("bnio,bnjo->bij", u, u)
+
+
+def _poly_cases():
+    for dims, size in POLY_SIZES.items():
+        for kernel, stride, padding, dilation in POLY_GEOMETRIES:
+            if isinstance(kernel, tuple) and len(kernel) != dims:
+                continue
+            yield pytest.param(
+                size,
+                kernel,
+                stride,
+                padding,
+                dilation,
+                id=f"{dims}d-k{kernel}-s{stride}-p{padding}-d{dilation}",
+            )
+
+
+@pytest.mark.parametrize("size, kernel, stride, padding, dilation", list(_poly_cases()))
+def test_polyphase_gram_equals_unfolded_gram(size, kernel, stride, padding, dilation):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 2, *size, dtype=torch.float64)  # 2 problems, 3 samples
+    geometry = make_geometry(size, kernel, stride, padding, dilation, 1, "zeros")
+    assert supports_polyphase_gram(geometry)
+    expected = _unfolded_gram(x, kernel, stride, padding, dilation)
+    close(polyphase_gram(x, geometry), expected)
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, padding_mode",
+    [(7, 2, 3, "reflect"), (3, 1, 1, "zeros"), (4, 4, 0, "zeros"), (2, 3, 0, "zeros")],
+    ids=["padding-mode", "stride-1", "kernel=stride", "kernel<stride"],
+)
+def test_polyphase_gram_refuses_what_it_cannot_do(
+    kernel, stride, padding, padding_mode
+):
+    geometry = make_geometry((16, 16), kernel, stride, padding, 1, 1, padding_mode)
+    assert not supports_polyphase_gram(geometry)
+    with pytest.raises(ValueError, match="stride > 1"):
+        polyphase_gram(torch.zeros(1, 1, 1, 16, 16), geometry)
+
+
+def test_polyphase_offered_only_where_it_saves_products():
+    stem = make_geometry((224, 224), 7, 2, 3, 1, 1, "zeros")
+    poly, tn = polyphase_products(stem, 3)
+    assert poly < tn / 2
+    strided_3x3 = make_geometry((56, 56), 3, 2, 1, 1, 1, "zeros")
+    poly, tn = polyphase_products(strided_3x3, 64)
+    assert poly > tn  # 16 (phase, tap) rows per channel instead of 9
+
+    seen = []
+
+    def each(key, runs, device):
+        seen.append(len(runs))
+        return runs[0]()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tnf, "fastest", each)
+        tnf.kfac_input_factor(torch.randn(2, 3, 12, 12), 3, stride=2, padding=1)
+        assert not seen  # the TN alone: nothing to measure
+        tnf.kfac_input_factor(torch.randn(2, 3, 12, 12), 7, stride=2, padding=3)
+        assert seen == [2]
+
+
+def _polyphase_offered(case: Case) -> bool:
+    geometry = case.geometry()
+    if not supports_polyphase_gram(geometry):
+        return False
+    poly, tn = polyphase_products(geometry, case.c_in // case.groups)
+    return poly < tn
+
+
+STRIDED = [c for c in CASES if _polyphase_offered(c)]
+
+
+@pytest.mark.parametrize("groups_mode", ["average", "separate"])
+@pytest.mark.parametrize("case", STRIDED, ids=lambda c: c.id)
+def test_kfac_expand_polyphase_candidate_agrees(case: Case, groups_mode, monkeypatch):
+    """``kfac_input_factor`` measures the TN against the polyphase Gram: both right."""
+    x = case.input()
+    u = grouped_unfold(case, x)  # [N, G, C/G·K, O]
+    if groups_mode == "average":
+        u = u.mean(1, keepdim=True)
+    expected = torch.einsum("ngio,ngjo->gij", u, u) / x.shape[0]
+    if groups_mode == "average":
+        expected = expected[0]
+    seen = []
+
+    def each(key, runs, device):
+        results = [run() for run in runs]
+        seen.append(len(results))
+        close(results[0].reshape(results[-1].shape), results[-1])
+        return results[-1]  # the polyphase Gram's result flows on
+
+    monkeypatch.setattr(tnf, "fastest", each)
+    result = tnf.kfac_input_factor(
+        x, case.kernel_size, groups_mode=groups_mode, **case.hyper
+    )
+    assert seen == [2]
     close(result, expected)

@@ -4,8 +4,9 @@
 
 ``kfac_input_factor(approx='expand')`` times its candidates once per problem and keeps
 the fastest (:func:`backpack_tn.tn.evaluate.fastest`): the tensor network (which the
-engine evaluates as a block-triangular Gram, :mod:`backpack_tn.tn.gram`) and, for
-stride 1, the shift-structured Gram (:mod:`backpack_tn.tn.shifts`). This prints each
+engine evaluates as a block-triangular Gram, :mod:`backpack_tn.tn.gram`), for
+stride 1 the shift-structured Gram and for large strided kernels the polyphase Gram
+(:mod:`backpack_tn.tn.shifts`). This prints each
 candidate's best-of-``repeats`` time per layer, so the choice can be checked; with
 ``--plain-gemm`` also the TN evaluated by a full GEMM (``gram_form`` switched off).
 Default layers: ResNet-18 / ResNeXt-like shapes at batch 8.
@@ -29,6 +30,7 @@ DEFAULT_LAYERS = [
     "8x64x56x56:k3:s1:p1",
     "8x256x14x14:k3:s1:p1",
     "8x512x7x7:k3:s1:p1",
+    "8x3x224x224:k7:s2:p3",
     "8x128x28x28:k3:s2:p1",
     "8x256x14x14:k3:s2:p1",
     "8x256x28x28:k1:s1:p0",
@@ -108,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or 1)
     try:
-        names = ["tn", "shift"] + ["tn-full-gemm"] * args.plain_gemm
+        names = ["tn", "shift", "polyphase"] + ["tn-full-gemm"] * args.plain_gemm
         print("| layer | " + " | ".join(f"{n} [ms]" for n in names) + " |")
         print("|---|" + "---:|" * len(names))
         for spec in args.layer:

@@ -14,8 +14,10 @@ the few boxes that the cut points split the valid positions into — one large i
 box and thin border strips — and adds, per tap pair, the boxes its window covers.
 Exact, with ``(Π(2K−1) + 1)/2`` input-sized products per channel pair instead of
 ``ΠK²`` (3×3: 13 instead of 81, 5×5: 41 instead of 625). Only zero padding
-(implicit: padded positions contribute nothing) and stride 1; the caller chooses
-between this and the tensor network by measuring both.
+(implicit: padded positions contribute nothing). A strided convolution is a stride-1
+one over the input's phases (:func:`polyphase_gram`), which pays off for large
+kernels at small strides (stems). The caller chooses between these and the tensor
+network by measuring them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,141 @@ def supports_shift_gram(geometry: ConvGeometry) -> bool:
         all(d.stride == 1 and d.padding_mode == "zeros" for d in dims)
         and math.prod(d.kernel_size for d in dims) > 1
     )
+
+
+def supports_polyphase_gram(geometry: ConvGeometry) -> bool:
+    """Whether :func:`polyphase_gram` applies.
+
+    Zero padding, some stride > 1, and taps that share a phase (after the split, a
+    kernel > 1).
+    """
+    dims = geometry.dims
+    return (
+        all(d.padding_mode == "zeros" for d in dims)
+        and any(d.stride > 1 for d in dims)
+        and math.prod(_phase_dim(d)[0].kernel_size for d in dims) > 1
+    )
+
+
+def polyphase_products(geometry: ConvGeometry, channels: int) -> tuple:
+    """Input-sized products per sample: ``(polyphase Gram, block-triangular Gram)``.
+
+    The polyphase Gram pays ``(Π(2K'−1) + 1)/2`` offsets of ``(C·ΠS)²`` products over
+    the ``ΠU`` phase positions; the Gram of the unfolded input ``(C·ΠK)²/2`` over the
+    ``ΠO`` output positions. Callers offer the polyphase Gram only where it is far
+    cheaper by this count (large kernels at stride 2: a ResNet stem, 7×7 stride 2,
+    needs a third of the products), as its many small products run below BLAS peak.
+    """
+    phased = [_phase_dim(d)[0] for d in geometry.dims]
+    phases = math.prod(d.stride for d in geometry.dims)
+    offsets = (math.prod(2 * d.kernel_size - 1 for d in phased) + 1) // 2
+    poly = offsets * (channels * phases) ** 2 * math.prod(d.input_size for d in phased)
+    taps = math.prod(geometry.kernel_size)
+    tn = (channels * taps) ** 2 / 2 * math.prod(geometry.output_size)
+    return poly, tn
+
+
+@lru_cache(maxsize=1024)
+def _phase_dim(dim: DimGeometry) -> Tuple[DimGeometry, Tuple[Tuple[int, int], ...]]:
+    """One dimension of a strided convolution as a stride-1 one over its phases.
+
+    Tap ``k`` reads position ``S·o + a_k`` with ``a_k = k·D − P``; writing
+    ``a_k = S·q_k + r_k`` (``0 ≤ r_k < S``), that is position ``o + q_k`` of the phase
+    ``x_r[u] = x[S·u + r]``. So the convolution is a stride-1, dilation-1 one over the
+    ``S`` phases (as channels) with taps ``q_min … q_max``; each original tap is one
+    (phase, tap) pair of it, the others are never read.
+
+    Returns:
+        The stride-1 geometry (phase length ``U = ⌈I/S⌉``; phases shorter than ``U``
+        are zero-padded, which is what the convolution reads there) and, per
+        original tap, ``(r_k, q_k − q_min)``.
+    """
+    s = dim.stride
+    starts = [k * dim.dilation - dim.pad_left for k in range(dim.kernel_size)]
+    q = [a // s for a in starts]
+    kernel = q[-1] - q[0] + 1
+    length = -(-dim.input_size // s)
+    out = dim.output_size
+    phased = DimGeometry(
+        input_size=length,
+        kernel_size=kernel,
+        stride=1,
+        dilation=1,
+        pad_left=-q[0],
+        pad_right=out - length + q[0] + kernel - 1,
+        padding_mode="zeros",
+    )
+    return phased, tuple((a % s, qk - q[0]) for a, qk in zip(starts, q))
+
+
+def polyphase_gram(x: Tensor, geometry: ConvGeometry) -> Tensor:
+    """:func:`shift_gram` for a strided convolution, by splitting the input into phases.
+
+    With stride ``S`` the taps ``k`` and ``k'`` read the same phase of the input when
+    ``k·D ≡ k'·D (mod S)``; over its phases (``ΠS`` times the channels, each
+    ``⌈I/S⌉`` long) the convolution has stride 1 and a ``⌈K/S⌉``-ish kernel, whose
+    Gram has the shift structure. The Gram of the original taps is the sub-matrix of
+    the phases' Gram at their (phase, tap) pairs.
+
+    Args:
+        x: Input ``[B, N, C, *I]`` (see :func:`shift_gram`).
+        geometry: The convolution's geometry (see :func:`supports_polyphase_gram`).
+
+    Returns:
+        ``[B, C·ΠK, C·ΠK]``, rows ordered channel-major as ``F.unfold``'s.
+
+    Raises:
+        ValueError: If the geometry is not supported.
+    """
+    if not supports_polyphase_gram(geometry):
+        raise ValueError(
+            "polyphase_gram needs zero padding, a stride > 1 and overlapping taps."
+        )
+    dims = geometry.dims
+    plans = [_phase_dim(d) for d in dims]
+    strides = [d.stride for d in dims]
+    lengths = [p.input_size for p, _ in plans]
+    lead = x.shape[:3]
+    # right-pad every dimension to S·U, split each position into (u, r), and move
+    # the phases r next to the channels: [B, N, C, *S, *U]
+    pad = []
+    for d, s, u in zip(reversed(dims), reversed(strides), reversed(lengths)):
+        pad += [0, s * u - d.input_size]
+    split = torch.nn.functional.pad(x, pad).reshape(
+        *lead, *(v for pair in zip(lengths, strides) for v in pair)
+    )
+    spatial = len(dims)
+    order = (
+        [0, 1, 2]
+        + [4 + 2 * i for i in range(spatial)]
+        + [3 + 2 * i for i in range(spatial)]
+    )
+    phases = split.permute(order).reshape(*lead[:2], -1, *lengths)
+    stride_one = ConvGeometry(tuple(p for p, _ in plans), geometry.groups)
+    gram = shift_gram(phases, stride_one)
+
+    # row of (channel, tap) in the phases' Gram: channel-major, then the phases,
+    # then the stride-1 taps
+    taps_per_phase = math.prod(p.kernel_size for p, _ in plans)
+    block = math.prod(strides) * taps_per_phase
+    rows = []
+    for k in itertools.product(*(range(d.kernel_size) for d in dims)):
+        pairs = [plan[1][kk] for plan, kk in zip(plans, k)]
+        phase = _flat([r for r, _ in pairs], strides)
+        tap = _flat([t for _, t in pairs], [p.kernel_size for p, _ in plans])
+        rows.append(phase * taps_per_phase + tap)
+    channels = x.shape[2]
+    index = torch.tensor(rows, device=x.device)
+    index = (torch.arange(channels, device=x.device)[:, None] * block + index).flatten()
+    return gram[:, index][:, :, index]
+
+
+def _flat(indices, sizes) -> int:
+    """Row-major flat index of ``indices`` in a grid of ``sizes``."""
+    flat = 0
+    for i, n in zip(indices, sizes):
+        flat = flat * n + i
+    return flat
 
 
 @dataclass(frozen=True)
@@ -144,10 +281,8 @@ def shift_gram(x: Tensor, geometry: ConvGeometry) -> Tensor:
             gram[(slice(None), slice(None), *taps, slice(None), *partners)] = block
             written.add((taps, partners))
             if offset != zero:
-                # a transposed write into the strided block is slow: transpose into
-                # contiguous memory first
                 mirror = (slice(None), slice(None), *partners, slice(None), *taps)
-                gram[mirror] = block.transpose(1, 2).contiguous()
+                gram[mirror] = block.transpose(1, 2)
                 written.add((partners, taps))
     for taps in itertools.product(*map(range, kernel)):
         for partners in itertools.product(*map(range, kernel)):
@@ -245,4 +380,10 @@ def _length(segment: Tuple[int, int]) -> int:
     return segment[1] - segment[0]
 
 
-__all__ = ["shift_gram", "supports_shift_gram"]
+__all__ = [
+    "polyphase_gram",
+    "polyphase_products",
+    "shift_gram",
+    "supports_polyphase_gram",
+    "supports_shift_gram",
+]
