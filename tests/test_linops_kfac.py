@@ -328,6 +328,28 @@ def test_ekfac_chunking_keeps_result():
     torch.testing.assert_close(chunked, whole, **TOL)
 
 
+def test_ekfac_default_chunks_keep_result(monkeypatch):
+    """Per-example gradients are chunked by a byte cap, whatever the budget."""
+    from backpack_tn.linops import kfac as linops_kfac
+
+    model, data = conv2d_net(), loader((2, 8, 8), batch_size=24)
+    loss = nn.CrossEntropyLoss()
+    whole = dense(build(EKFACLinearOperator, model, loss, data, fisher_type="type-2"))
+    sizes = []
+    chunks = linops_kfac._chunks
+
+    def recording(batch_size, bytes_per_example):
+        parts = list(chunks(batch_size, bytes_per_example))
+        sizes.append(len(parts))
+        return parts
+
+    monkeypatch.setattr(linops_kfac, "DEFAULT_CORRECTION_BYTES", 1)  # one example
+    monkeypatch.setattr(linops_kfac, "_chunks", recording)
+    chunked = dense(build(EKFACLinearOperator, model, loss, data, fisher_type="type-2"))
+    assert sizes and all(n == 24 for n in sizes)
+    torch.testing.assert_close(chunked, whole, **TOL)
+
+
 @pytest.mark.parametrize("strategy", [None, "pattern"], ids=["auto", "pattern"])
 def test_no_patch_extraction(strategy, monkeypatch):
     """Never curvlinops' unfold-based extractors; with patterns, no unfold at all.
