@@ -439,9 +439,9 @@ def _grouped_conv_trick(
         # W_n[d, c, k] = Σ_o g[n, d, o] · x_pad[n, c, o·S + k·D]: a forward convolution
         # of every (sample, input channel) with the output gradients of the channels
         # it feeds as kernels — stride and dilation swap roles. One convolution per
-        # input channel of a group: the output gradients are the kernels of every
-        # one of them as they are (a view), where one convolution for all would need
-        # them repeated C_in/G times (BackPACK's way: 68 MB for Inception-v3's stem at
+        # input channel of a group: the output gradients are the kernels of each as
+        # they are (a view, if contiguous), where one convolution for all needs them
+        # repeated C_in/G times (BackPACK's way: 68 MB for Inception-v3's stem at
         # batch 8, whose first touch cost more than the convolution).
         kernels = grad_output.reshape(n * c_out, 1, *grad_output.shape[2:])
         channels = x.reshape(n, groups, per_group, *x.shape[2:])

@@ -466,7 +466,61 @@ def test_no_parameter_gradients_and_same_factors(cls, fisher):
     # the stock operator pays a gradient for every parameter, per batch and backward
     assert weight_gradients_seen(model, recompute(ref)) > 0
     assert weight_gradients_seen(model, recompute(ours)) == 0
-    assert "_tn_output_edges" not in ours.__dict__  # nothing holds the graph
+    model(data[0][0])  # outside a factor computation, no edge is recorded
+    assert ours.__dict__.get("_tn_output_edges") is None
+
+
+def test_only_the_deepest_output_edges_are_differentiated():
+    """The backward pass asks for the edges nothing recorded lies below of."""
+    from torch.autograd.graph import get_gradient_edge
+
+    from backpack_tn.linops.kfac import _frontier
+
+    torch.manual_seed(5)
+    model = residual_net()
+    stray = get_gradient_edge(model[0](torch.randn(1, 2, 6, 6, dtype=DTYPE)))
+    edges = []  # taken in the hooks: before in-place ReLUs re-bind the outputs
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: edges.append(get_gradient_edge(o)))
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    output = model(torch.randn(3, 2, 6, 6, dtype=DTYPE))
+    for hook in hooks:
+        hook.remove()
+    assert len(edges) == 4
+    assert all(type(e.node).__name__.startswith("Convolution") for e in edges[:3])
+    kept = _frontier([stray] + edges, output.grad_fn)  # stray: another graph
+    assert [edge.node for edge in kept] == [edges[0].node]  # the first convolution
+
+
+class TwiceApplied(nn.Module):
+    """One convolution applied twice; only one of its outputs reaches the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.head = nn.Linear(3 * 4 * 4, 4)
+
+    def forward(self, x):
+        used, unused = self.conv(x), self.conv(2 * x)
+        del unused
+        return self.head(used.flatten(1))
+
+
+@pytest.mark.parametrize("cls", ["KFAC", "EKFAC"])
+def test_layer_output_that_misses_the_loss(cls):
+    """The edge of an output that does not reach the loss is not differentiated."""
+    torch.manual_seed(4)
+    model, data = TwiceApplied().to(DTYPE), loader((2, 6, 6), batch_size=30)
+    ours_cls, ref_cls = {
+        "KFAC": (KFACLinearOperator, curvlinops.KFACLinearOperator),
+        "EKFAC": (EKFACLinearOperator, curvlinops.EKFACLinearOperator),
+    }[cls]
+    loss = nn.CrossEntropyLoss()
+    ours = build(ours_cls, model, loss, data, fisher_type="empirical")
+    ref = build(ref_cls, model, loss, data, fisher_type="empirical")
+    torch.testing.assert_close(dense(ours), dense(ref), rtol=1e-8, atol=1e-12)
 
 
 def test_forward_only_fisher_unchanged():
@@ -502,7 +556,10 @@ def test_failed_forward_leaves_no_stale_edges():
         op = build(cls, model, loss, data)
         with pytest.raises(RuntimeError, match="first call fails"):
             op.compute_kronecker_factors()
-        assert "_tn_output_edges" not in op.__dict__
+        # curvlinops leaves its hooks on the model after the exception; later
+        # forward passes outside a factor computation must not record edges
+        model(data[0][0])
+        assert op.__dict__.get("_tn_output_edges") is None
         op.compute_kronecker_factors()  # a stale edge would not be in this graph
         return dense(op)
 

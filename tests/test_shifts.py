@@ -173,6 +173,30 @@ def test_polyphase_gram_equals_unfolded_gram(size, kernel, stride, padding, dila
     close(polyphase_gram(x, geometry), expected)
 
 
+@pytest.mark.parametrize("groups_mode", ["average", "separate"])
+def test_polyphase_candidate_on_a_grouped_stem(groups_mode, monkeypatch):
+    """Groups make the polyphase Gram's input a non-contiguous ``[G, N, C/G, …]``."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 19, 16, dtype=torch.float64)
+    u = unfoldNd(x, 7, stride=2, padding=3).reshape(3, 2, 2 * 49, -1)  # [N, G, ·, O]
+    if groups_mode == "average":
+        u = u.mean(1, keepdim=True)
+    expected = torch.einsum("ngio,ngjo->gij", u, u) / 3
+    names = []
+
+    def each(key, runs, device):
+        results = [run() for run in runs]
+        names.extend(getattr(run, "func", run).__name__ for run in runs)
+        return results[-1]  # the polyphase Gram's result flows on
+
+    monkeypatch.setattr(tnf, "fastest", each)
+    result = tnf.kfac_input_factor(
+        x, 7, stride=2, padding=3, groups=2, groups_mode=groups_mode
+    )
+    assert names[-1] == "polyphase_gram"
+    close(result, expected[0] if groups_mode == "average" else expected)
+
+
 @pytest.mark.parametrize(
     "kernel, stride, padding, padding_mode",
     [(7, 2, 3, "reflect"), (3, 1, 1, "zeros"), (4, 4, 0, "zeros"), (2, 3, 0, "zeros")],
@@ -218,6 +242,7 @@ def _polyphase_offered(case: Case) -> bool:
 
 
 STRIDED = [c for c in CASES if _polyphase_offered(c)]
+assert STRIDED  # the shared cases keep a strided 5×5 layer
 
 
 @pytest.mark.parametrize("groups_mode", ["average", "separate"])

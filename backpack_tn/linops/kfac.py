@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import curvlinops
 import torch
@@ -39,7 +39,7 @@ from curvlinops.ekfac import EKFACLinearOperator as _CurvEKFAC
 from curvlinops.kfac import FisherType, KFACType
 from curvlinops.kfac import KFACLinearOperator as _CurvKFAC
 from torch import Tensor
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn import Conv1d, Conv2d, Conv3d, Linear, Module
 
 from backpack_tn import functional as tnf
@@ -60,40 +60,21 @@ __all__ = [
 CONVOLUTIONS = (Conv1d, Conv2d, Conv3d)
 SUPPORTED_MODULES = (Linear, *CONVOLUTIONS)
 
+# What install_curvlinops() replaces on curvlinops' classes (by the attribute of the
+# same name on KFACLinearOperator / EKFACLinearOperator below).
+_PATCHED = [
+    (_CurvKFAC, "_SUPPORTED_MODULES"),
+    (_CurvKFAC, "_hook_accumulate_input_covariance"),
+    (_CurvKFAC, "_accumulate_gradient_covariance"),
+    (_CurvKFAC, "_compute_loss_and_backward"),
+    (_CurvKFAC, "compute_kronecker_factors"),
+    (_CurvKFAC, "_register_tensor_hook_on_output_to_accumulate_gradient_covariance"),
+    (_CurvEKFAC, "_accumulate_corrected_eigenvalues"),
+    (_CurvEKFAC, "compute_eigenvalue_correction"),
+    (_CurvEKFAC, "_register_tensor_hook_on_output_to_accumulate_corrected_eigenvalues"),
+]
 # curvlinops' originals, captured before anything is patched.
-_STOCK = {
-    (_CurvKFAC, "_SUPPORTED_MODULES"): _CurvKFAC.__dict__["_SUPPORTED_MODULES"],
-    (_CurvKFAC, "_hook_accumulate_input_covariance"): _CurvKFAC.__dict__[
-        "_hook_accumulate_input_covariance"
-    ],
-    (_CurvKFAC, "_accumulate_gradient_covariance"): _CurvKFAC.__dict__[
-        "_accumulate_gradient_covariance"
-    ],
-    (_CurvEKFAC, "_accumulate_corrected_eigenvalues"): _CurvEKFAC.__dict__[
-        "_accumulate_corrected_eigenvalues"
-    ],
-    (_CurvKFAC, "_compute_loss_and_backward"): _CurvKFAC.__dict__[
-        "_compute_loss_and_backward"
-    ],
-    (_CurvKFAC, "compute_kronecker_factors"): _CurvKFAC.__dict__[
-        "compute_kronecker_factors"
-    ],
-    (_CurvEKFAC, "compute_eigenvalue_correction"): _CurvEKFAC.__dict__[
-        "compute_eigenvalue_correction"
-    ],
-    (
-        _CurvKFAC,
-        "_register_tensor_hook_on_output_to_accumulate_gradient_covariance",
-    ): _CurvKFAC.__dict__[
-        "_register_tensor_hook_on_output_to_accumulate_gradient_covariance"
-    ],
-    (
-        _CurvEKFAC,
-        "_register_tensor_hook_on_output_to_accumulate_corrected_eigenvalues",
-    ): _CurvEKFAC.__dict__[
-        "_register_tensor_hook_on_output_to_accumulate_corrected_eigenvalues"
-    ],
-}
+_STOCK = {(cls, name): cls.__dict__[name] for cls, name in _PATCHED}
 
 # Fisher types whose factors come from backpropagated gradients of the layer outputs.
 _BACKPROPAGATING = (FisherType.TYPE2, FisherType.MC, FisherType.EMPIRICAL)
@@ -133,11 +114,74 @@ def _joint_bias(op: _CurvKFAC, module_name: str) -> bool:
     return "weight" in params and "bias" in params and not op._separate_weight_and_bias
 
 
-def _remember_output_edge(op: _CurvKFAC, output: Tensor) -> None:
-    """Keep where autograd delivers the gradient of a hooked layer's output."""
-    # The edge, not the tensor: an in-place activation after the layer (ReLU in
-    # torchvision's ResNets) re-binds the tensor to a later node of the graph.
-    op.__dict__.setdefault("_tn_output_edges", []).append(get_gradient_edge(output))
+# While an operator computes its factors, ``op.__dict__[_EDGES]`` is the list of the
+# gradient edges of the hooked layers' outputs recorded since the last backward pass;
+# at any other time (and during the backward pass itself: non-reentrant checkpointing
+# re-runs forward hooks there) it is absent or ``None`` and nothing is recorded.
+_EDGES = "_tn_output_edges"
+
+
+def _recording_edge(cls: type, name: str):
+    """Curvlinops' forward hook ``name`` of ``cls``, also recording output edges."""
+    stock = _STOCK[(cls, name)]
+
+    def hook(self, module: Module, inputs: Tuple[Tensor], output: Tensor, module_name):
+        stock(self, module, inputs, output, module_name)
+        edges = self.__dict__.get(_EDGES)
+        if edges is not None:
+            # The edge, not the tensor: an in-place activation after the layer (ReLU
+            # in torchvision's ResNets) re-binds the tensor to a later graph node.
+            edges.append(get_gradient_edge(output))
+
+    hook.__name__ = hook.__qualname__ = name
+    hook.__doc__ = (
+        "Forward hook: curvlinops' tensor hook on the layer output, and (while "
+        "factors are computed) the output's gradient edge for the backward pass."
+    )
+    return hook
+
+
+def _collecting_edges(method):
+    """``method`` (a factor computation) with output edges recorded while it runs."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self.__dict__[_EDGES] = []
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            # also after an exception between a forward and its backward pass: the
+            # edges would hold that graph and belong to no later loss
+            self.__dict__.pop(_EDGES, None)
+
+    return wrapper
+
+
+def _frontier(edges: List[GradientEdge], root) -> List[GradientEdge]:
+    """The recorded edges a backward pass from ``root`` has to be asked for.
+
+    Edges ``root`` cannot reach are dropped (a layer output that does not feed the
+    loss: its tensor hook would not fire for curvlinops either), and so are edges
+    with another recorded edge below them: the backward pass to the deepest edges
+    runs through them, so their tensor hooks fire, and their gradients are not held
+    to the end of the backward pass as the returned ones are.
+    """
+    targets = {edge.node for edge in edges}
+    below = {}  # node -> whether a target lies strictly below it
+    stack = [root] if root is not None else []
+    while stack:
+        node = stack[-1]
+        if node in below:
+            stack.pop()
+            continue
+        children = [child for child, _ in node.next_functions if child is not None]
+        pending = [child for child in children if child not in below]
+        if pending:
+            stack.extend(pending)
+            continue
+        stack.pop()
+        below[node] = any(child in targets or below[child] for child in children)
+    return [edge for edge in edges if edge.node in below and not below[edge.node]]
 
 
 def _compute_loss_and_backward(self: _CurvKFAC, output: Tensor, y: Tensor) -> None:
@@ -146,39 +190,32 @@ def _compute_loss_and_backward(self: _CurvKFAC, output: Tensor, y: Tensor) -> No
     The Kronecker factors and EKFAC's correction only read the gradients w.r.t. the
     outputs of the hooked layers (their tensor hooks fire as those are computed);
     curvlinops differentiates w.r.t. the parameters and discards the result, paying
-    every layer's weight-gradient contraction. Asking autograd for the output
-    gradients instead gives the same hooks the same tensors without that work.
+    every layer's weight-gradient contraction. Asking autograd for the deepest
+    output edges instead (:func:`_frontier`) gives the same hooks the same tensors
+    without that work.
+
+    curvlinops 3.0 passes ``self._params`` to ``torch.autograd.grad`` in the
+    backpropagating branches and reads nothing else from it there; the edges stand
+    in for it during the call. (Hooks that read ``self.device``/``self.dtype``,
+    which look at ``self._params``, would see edges: curvlinops' do not.)
     """
-    edges = self.__dict__.pop("_tn_output_edges", [])
     stock = _STOCK[(_CurvKFAC, "_compute_loss_and_backward")]
-    if self._fisher_type not in _BACKPROPAGATING or not edges:
+    edges = self.__dict__.get(_EDGES)
+    if edges is None:  # not within a factor computation of ours
         return stock(self, output, y)
-    # curvlinops passes ``self._params`` as the inputs of ``torch.autograd.grad``
-    # in the backpropagating branches (and reads nothing else from it there)
-    params = self._params
-    self._params = edges
+    self.__dict__[_EDGES] = None  # record nothing during the backward pass
     try:
-        return stock(self, output, y)
-    finally:
-        self._params = params
-
-
-def _forgetting_edges(method):
-    """``method`` that drops edges left by a forward pass that never got a backward.
-
-    (An exception between the two; the stale edges would hold the old graph and
-    belong to no later loss.)
-    """
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        self.__dict__.pop("_tn_output_edges", None)
+        inputs = _frontier(edges, output.grad_fn)
+        if self._fisher_type not in _BACKPROPAGATING or not inputs:
+            return stock(self, output, y)
+        params = self._params
+        self._params = inputs
         try:
-            return method(self, *args, **kwargs)
+            return stock(self, output, y)
         finally:
-            self.__dict__.pop("_tn_output_edges", None)
-
-    return wrapper
+            self._params = params
+    finally:
+        self.__dict__[_EDGES] = []  # the next batch's forward pass
 
 
 class KFACLinearOperator(_CurvKFAC):
@@ -192,27 +229,11 @@ class KFACLinearOperator(_CurvKFAC):
 
     _SUPPORTED_MODULES = SUPPORTED_MODULES
     _compute_loss_and_backward = _compute_loss_and_backward
-    compute_kronecker_factors = _forgetting_edges(_CurvKFAC.compute_kronecker_factors)
-
-    def _register_tensor_hook_on_output_to_accumulate_gradient_covariance(
-        self, module: Module, inputs: Tuple[Tensor], output: Tensor, module_name: str
-    ):
-        """Forward hook: curvlinops' tensor hook on the output, and its gradient edge.
-
-        Args:
-            module: The layer.
-            inputs: Its inputs.
-            output: Its output.
-            module_name: The layer's name in the model.
-        """
-        stock = _STOCK[
-            (
-                _CurvKFAC,
-                "_register_tensor_hook_on_output_to_accumulate_gradient_covariance",
-            )
-        ]
-        stock(self, module, inputs, output, module_name)
-        _remember_output_edge(self, output)
+    compute_kronecker_factors = _collecting_edges(_CurvKFAC.compute_kronecker_factors)
+    _register_tensor_hook_on_output_to_accumulate_gradient_covariance = _recording_edge(
+        _CurvKFAC,
+        "_register_tensor_hook_on_output_to_accumulate_gradient_covariance",
+    )
 
     def _hook_accumulate_input_covariance(
         self, module: Module, inputs: Tuple[Tensor], module_name: str
@@ -292,7 +313,7 @@ class KFACLinearOperator(_CurvKFAC):
 #: EKFAC's rotated per-example gradients are formed in chunks of at most this many
 #: bytes (and within the engine's memory budget): they are only squared and summed,
 #: and chunks of a few examples keep the GEMMs as efficient (ResNet-18's 512-channel
-#: layers: 9 MiB per example, 75 MiB for a batch of 8 at once).
+#: layers: 9 MiB per example, 72 MiB for a batch of 8 at once).
 DEFAULT_CORRECTION_BYTES = 32 * 2**20
 
 
@@ -395,29 +416,15 @@ class EKFACLinearOperator(_CurvEKFAC, KFACLinearOperator):
     """
 
     _SUPPORTED_MODULES = SUPPORTED_MODULES
-    compute_eigenvalue_correction = _forgetting_edges(
+    compute_eigenvalue_correction = _collecting_edges(
         _CurvEKFAC.compute_eigenvalue_correction
     )
-
-    def _register_tensor_hook_on_output_to_accumulate_corrected_eigenvalues(
-        self, module: Module, inputs: Tuple[Tensor], output: Tensor, module_name: str
-    ):
-        """Forward hook: curvlinops' tensor hook on the output, and its gradient edge.
-
-        Args:
-            module: The layer.
-            inputs: Its inputs.
-            output: Its output.
-            module_name: The layer's name in the model.
-        """
-        stock = _STOCK[
-            (
-                _CurvEKFAC,
-                "_register_tensor_hook_on_output_to_accumulate_corrected_eigenvalues",
-            )
-        ]
-        stock(self, module, inputs, output, module_name)
-        _remember_output_edge(self, output)
+    _register_tensor_hook_on_output_to_accumulate_corrected_eigenvalues = (
+        _recording_edge(
+            _CurvEKFAC,
+            "_register_tensor_hook_on_output_to_accumulate_corrected_eigenvalues",
+        )
+    )
 
     def _accumulate_corrected_eigenvalues(
         self, grad_output: Tensor, module: Module, module_name: str
@@ -436,35 +443,10 @@ class EKFACLinearOperator(_CurvEKFAC, KFACLinearOperator):
 
 
 _PATCHES = {
-    (_CurvKFAC, "_SUPPORTED_MODULES"): SUPPORTED_MODULES,
-    (_CurvKFAC, "_hook_accumulate_input_covariance"): KFACLinearOperator.__dict__[
-        "_hook_accumulate_input_covariance"
-    ],
-    (_CurvKFAC, "_accumulate_gradient_covariance"): KFACLinearOperator.__dict__[
-        "_accumulate_gradient_covariance"
-    ],
-    (_CurvEKFAC, "_accumulate_corrected_eigenvalues"): EKFACLinearOperator.__dict__[
-        "_accumulate_corrected_eigenvalues"
-    ],
-    (_CurvKFAC, "_compute_loss_and_backward"): _compute_loss_and_backward,
-    (_CurvKFAC, "compute_kronecker_factors"): KFACLinearOperator.__dict__[
-        "compute_kronecker_factors"
-    ],
-    (_CurvEKFAC, "compute_eigenvalue_correction"): EKFACLinearOperator.__dict__[
-        "compute_eigenvalue_correction"
-    ],
-    (
-        _CurvKFAC,
-        "_register_tensor_hook_on_output_to_accumulate_gradient_covariance",
-    ): KFACLinearOperator.__dict__[
-        "_register_tensor_hook_on_output_to_accumulate_gradient_covariance"
-    ],
-    (
-        _CurvEKFAC,
-        "_register_tensor_hook_on_output_to_accumulate_corrected_eigenvalues",
-    ): EKFACLinearOperator.__dict__[
-        "_register_tensor_hook_on_output_to_accumulate_corrected_eigenvalues"
-    ],
+    (cls, name): (
+        KFACLinearOperator if cls is _CurvKFAC else EKFACLinearOperator
+    ).__dict__[name]
+    for cls, name in _PATCHED
 }
 
 

@@ -46,8 +46,9 @@ def supports_shift_gram(geometry: ConvGeometry) -> bool:
 def supports_polyphase_gram(geometry: ConvGeometry) -> bool:
     """Whether :func:`polyphase_gram` applies.
 
-    Zero padding, some stride > 1, and taps that share a phase (after the split, a
-    kernel > 1).
+    Zero padding, some stride > 1, and a kernel > 1 after the split into phases
+    (more than one tap position per phase; e.g. not a kernel equal to the stride
+    without padding).
     """
     dims = geometry.dims
     return (
@@ -62,9 +63,10 @@ def polyphase_products(geometry: ConvGeometry, channels: int) -> tuple:
 
     The polyphase Gram pays ``(Π(2K'−1) + 1)/2`` offsets of ``(C·ΠS)²`` products over
     the ``ΠU`` phase positions; the Gram of the unfolded input ``(C·ΠK)²/2`` over the
-    ``ΠO`` output positions. Callers offer the polyphase Gram only where it is far
-    cheaper by this count (large kernels at stride 2: a ResNet stem, 7×7 stride 2,
-    needs a third of the products), as its many small products run below BLAS peak.
+    ``ΠO`` output positions. Callers offer the polyphase Gram only where this count
+    is lower (large kernels at small strides: a ResNet stem, 7×7 stride 2, needs a
+    third of the products; 3×3 stride 2 twice as many) and then measure, as its
+    many small products run below BLAS peak.
     """
     phased = [_phase_dim(d)[0] for d in geometry.dims]
     phases = math.prod(d.stride for d in geometry.dims)
