@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from backpack_tn.tn.conv import networks
-from backpack_tn.tn.evaluate import evaluate, fastest, native_allowed
+from backpack_tn.tn.evaluate import evaluate, fastest, get_autotune, native_allowed
 from backpack_tn.tn.geometry import ConvGeometry, IntOrTuple, Padding, make_geometry
 from backpack_tn.tn.shifts import (
     polyphase_gram,
@@ -223,6 +223,40 @@ def _identity(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def _kernel_or_tn(
+    name: str,
+    kernel: Callable[[], Tensor],
+    tn: Callable[[], Tensor],
+    geometry: ConvGeometry,
+    tensors: Sequence[Optional[Tensor]],
+    weight_shape: Sequence[int],
+) -> Tensor:
+    """Torch's convolution kernel, or the TN where it measured faster on the problem.
+
+    Torch's (oneDNN/cuDNN) kernels win on most layers but not all: on a CPU the TN
+    (a GEMM after a reshape) beats them on non-overlapping patchify stems and on
+    some depthwise and wide layers at small maps. Problems under the autotuning
+    threshold (:func:`backpack_tn.tn.evaluate.set_autotune`) are not measured: the
+    kernel runs.
+    """
+    enabled, threshold = get_autotune()
+    first = tensors[0]
+    # 2 · N · C_out · C_in/G · ΠK · ΠO
+    flops = (
+        2 * first.shape[0] * math.prod(weight_shape) * math.prod(geometry.output_size)
+    )
+    if not enabled or flops < threshold:
+        return kernel()
+    key = (
+        name,
+        tuple(None if t is None else tuple(t.shape) for t in tensors),
+        geometry,
+        first.dtype,
+        first.device,
+    )
+    return fastest(key, [kernel, tn], first.device)
+
+
 #: Per-sample weight VJPs try BackPACK's grouped-convolution trick up to this many
 #: input channels per group.
 _TRICK_MAX_GROUP_CHANNELS = 4
@@ -277,18 +311,29 @@ def conv(
             f"weight.shape[1] * groups ({weight.shape[1]} * {groups}) must equal the "
             f"input channels ({x.shape[1]})."
         )
+
+    def tn() -> Tensor:
+        tensors = {
+            "x": _group_input(x, groups),
+            "w": weight.reshape(groups, c_out // groups, *weight.shape[1:]),
+        }
+        out = _run("forward", geometry, simplify, tensors)
+        out = out.reshape(x.shape[0], c_out, *geometry.output_size)
+        if bias is not None:
+            out = out + bias.reshape(1, -1, *([1] * num_dims))
+        return out
+
     native = _native(geometry, simplify)
-    if native is not None:
-        return _TORCH_CONV[num_dims](x, weight, bias, **native)
-    tensors = {
-        "x": _group_input(x, groups),
-        "w": weight.reshape(groups, c_out // groups, *weight.shape[1:]),
-    }
-    out = _run("forward", geometry, simplify, tensors)
-    out = out.reshape(x.shape[0], c_out, *geometry.output_size)
-    if bias is not None:
-        out = out + bias.reshape(1, -1, *([1] * num_dims))
-    return out
+    if native is None:
+        return tn()
+    return _kernel_or_tn(
+        "forward",
+        lambda: _TORCH_CONV[num_dims](x, weight, bias, **native),
+        tn,
+        geometry,
+        (x, weight, bias),
+        weight.shape,
+    )
 
 
 def unfold(
@@ -368,15 +413,26 @@ def input_vjp(
         input_shape, weight.shape[2:], stride, padding, dilation, groups, padding_mode
     )
     _check_output(grad_output, "grad_output", geometry, 1)
+
+    def tn() -> Tensor:
+        c_out = weight.shape[0]
+        tensors = {
+            "v": _group_input(grad_output, groups),
+            "w": weight.reshape(groups, c_out // groups, *weight.shape[1:]),
+        }
+        return _run("input_vjp", geometry, simplify, tensors).reshape(input_shape)
+
     native = _native(geometry, simplify)
-    if native is not None:
-        return _convolution_backward(grad_output, None, weight, native, input_shape)
-    c_out = weight.shape[0]
-    tensors = {
-        "v": _group_input(grad_output, groups),
-        "w": weight.reshape(groups, c_out // groups, *weight.shape[1:]),
-    }
-    return _run("input_vjp", geometry, simplify, tensors).reshape(input_shape)
+    if native is None:
+        return tn()
+    return _kernel_or_tn(
+        "input_vjp",
+        lambda: _convolution_backward(grad_output, None, weight, native, input_shape),
+        tn,
+        geometry,
+        (grad_output, weight),
+        weight.shape,
+    )
 
 
 def _x_and_output(
@@ -528,15 +584,22 @@ def weight_vjp(
         padding_mode,
     )
     native = _native(geometry, simplify)
-    if native is not None and not per_sample:
-        return _convolution_backward(grad_output, x, None, native, weight_shape)
 
     def tn() -> Tensor:
         out = _run("weight_vjp", geometry, simplify, tensors, per_sample=per_sample)
         return out.reshape((x.shape[0],) * per_sample + weight_shape)
 
     if not per_sample:
-        return tn()
+        if native is None:
+            return tn()
+        return _kernel_or_tn(
+            "weight_vjp",
+            lambda: _convolution_backward(grad_output, x, None, native, weight_shape),
+            tn,
+            geometry,
+            (x, grad_output),
+            weight_shape,
+        )
     return _tn_or_trick(
         "per_sample", tn, _identity, x, grad_output, geometry, native, weight_shape
     )

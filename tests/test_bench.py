@@ -111,7 +111,10 @@ def test_report_compares_with_the_fastest_stock_implementation():
     assert r["fastest"] == "torch" and r["speedup"] == 0.5
     assert r["leanest"] == "unfold" and r["stock_memory"] == 5  # einconv not stock
     assert r["einconv_speedup"] == 4.0
-    assert "op on L (d): 0.50× vs torch" in report.summary(rows)
+    assert r["unfold_speedup"] == 2.0
+    text = report.summary(rows)
+    assert "op on L (d): 0.50× vs torch" in text
+    assert "| 4.00× | 2.00× |" in text  # vs einconv (min), vs unfold (median)
 
 
 def test_bench_command_runs_on_a_zoo_layer(tmp_path, capsys):

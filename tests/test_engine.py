@@ -521,6 +521,50 @@ def test_native_dispatch_only_where_torch_computes_the_same(padding_mode, monkey
     assert len(calls) == (1 if padding_mode == "zeros" else 0)
 
 
+@pytest.mark.parametrize("op", ["forward", "input_vjp", "weight_vjp"])
+def test_torch_kernel_measured_against_the_tn(op, monkeypatch):
+    """Above the autotuning threshold torch's kernel and the TN are both candidates."""
+    from backpack_tn.tn.evaluate import get_autotune, set_autotune
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    w = torch.randn(6, 2, 4, 4, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    hyper = dict(stride=4, groups=2)  # a patchify stem, grouped
+    v = torch.randn(2, 6, 2, 2, dtype=torch.float64)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    out = F.conv2d(x, w, b, **hyper)
+    grad_x, grad_w = torch.autograd.grad(out, (x, w), v)
+    x, w = x.detach(), w.detach()
+    run, expected = {
+        "forward": (lambda: tnf.conv(x, w, b, **hyper), out.detach()),
+        "input_vjp": (lambda: tnf.input_vjp(v, w, x.shape, **hyper), grad_x),
+        "weight_vjp": (lambda: tnf.weight_vjp(x, v, 4, **hyper), grad_w),
+    }[op]
+    seen = []
+
+    def each(key, runs, device):
+        results = [r() for r in runs]
+        seen.append((key[0], len(results)))
+        close(results[1], results[0])  # the TN equals torch's kernel
+        return results[1]
+
+    monkeypatch.setattr(tnf, "fastest", each)
+    enabled, threshold = get_autotune()
+    try:
+        set_autotune(True, min_flops=0)
+        close(run(), expected)
+        assert seen == [(op, 2)]
+        set_autotune(True, min_flops=1e12)  # too small to measure: the kernel
+        close(run(), expected)
+        set_autotune(False)
+        close(run(), expected)
+        assert seen == [(op, 2)]
+    finally:
+        set_autotune(enabled, threshold)
+
+
 def test_prepared_calls_follow_setting_changes(monkeypatch):
     """A prepared call is per settings: changing one re-decides (and stays exact)."""
     from backpack_tn.tn import windows

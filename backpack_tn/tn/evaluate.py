@@ -84,9 +84,12 @@ def set_native(enabled: bool) -> None:
     """Allow (default) or forbid torch's convolution kernels for plain convolutions.
 
     The forward pass and the summed input/weight VJPs of a zero-padded convolution are
-    what torch's (cuDNN/oneDNN) kernels compute; they beat any generic contraction,
-    so ``backpack_tn.functional`` dispatches to them there. Everything else (padding
-    modes, uneven ``'same'``, per-sample and second-order quantities) is a TN.
+    what torch's (cuDNN/oneDNN) kernels compute, and they beat the contractions on
+    most layers, so ``backpack_tn.functional`` runs them there — measured once per
+    problem against the TN where autotuning is on and the problem is above its
+    threshold (:func:`set_autotune`; the TN wins e.g. on patchify stems). Everything
+    else (padding modes, uneven ``'same'``, per-sample and second-order quantities)
+    is a TN.
 
     Args:
         enabled: Whether the dispatch is allowed.
