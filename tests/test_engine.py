@@ -599,3 +599,27 @@ def test_prepared_calls_follow_setting_changes(monkeypatch):
     assert cache_stats()["prepared"].hits >= 1
     for result in results:
         close(result, expected)
+
+
+def test_autotune_measures_results_in_their_final_layout():
+    """A candidate whose einsum result is strided pays its copy in the measurement."""
+    import importlib
+
+    from backpack_tn.functional import _x_and_output
+    from backpack_tn.tn.conv import networks
+
+    ev = importlib.import_module("backpack_tn.tn.evaluate")
+    torch.manual_seed(0)
+    x, g = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+    geometry, tensors, _ = _x_and_output(x, g, "grad_output", 1, 3, 1, 1, 1, 2, "zeros")
+    nets = networks("weight_vjp", geometry, True, per_sample=True)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    options = ev.candidates(nets, shapes, x.dtype, x.device)
+    raw = [ev._execute(c, tensors, 1) for c in options]
+    strided = [i for i, r in enumerate(raw) if not r.is_contiguous()]
+    assert strided  # some candidate's einsum result is a strided view
+    result, pick = ev._autotune(
+        [options[i] for i in strided], tensors, shapes, x.device
+    )
+    assert result.is_contiguous()  # measured with the copy the caller's reshape makes
+    close(result, raw[strided[pick]])
