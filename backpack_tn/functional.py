@@ -225,7 +225,8 @@ def _identity(tensor: Tensor) -> Tensor:
 
 def _kernel_or_tn(
     name: str,
-    kernel: Callable[[], Tensor],
+    native: Optional[dict],
+    kernel: Callable[[dict], Tensor],
     tn: Callable[[], Tensor],
     geometry: ConvGeometry,
     tensors: Sequence[Optional[Tensor]],
@@ -235,10 +236,13 @@ def _kernel_or_tn(
 
     Torch's (oneDNN/cuDNN) kernels win on most layers but not all: on a CPU the TN
     (a GEMM after a reshape) beats them on non-overlapping patchify stems and on
-    some depthwise and wide layers at small maps. Problems under the autotuning
+    some depthwise and wide layers at small maps. Where torch's kernel does not
+    apply (``native`` is ``None``) the TN runs; problems under the autotuning
     threshold (:func:`backpack_tn.tn.evaluate.set_autotune`) are not measured: the
-    kernel runs.
+    kernel runs. ``kernel`` gets the kernel arguments ``native``.
     """
+    if native is None:
+        return tn()
     enabled, threshold = get_autotune()
     first = tensors[0]
     # 2 · N · C_out · C_in/G · ΠK · ΠO
@@ -246,7 +250,7 @@ def _kernel_or_tn(
         2 * first.shape[0] * math.prod(weight_shape) * math.prod(geometry.output_size)
     )
     if not enabled or flops < threshold:
-        return kernel()
+        return kernel(native)
     key = (
         name,
         tuple(None if t is None else tuple(t.shape) for t in tensors),
@@ -254,7 +258,7 @@ def _kernel_or_tn(
         first.dtype,
         first.device,
     )
-    return fastest(key, [kernel, tn], first.device)
+    return fastest(key, [functools.partial(kernel, native), tn], first.device)
 
 
 #: Per-sample weight VJPs try BackPACK's grouped-convolution trick up to this many
@@ -323,12 +327,10 @@ def conv(
             out = out + bias.reshape(1, -1, *([1] * num_dims))
         return out
 
-    native = _native(geometry, simplify)
-    if native is None:
-        return tn()
     return _kernel_or_tn(
         "forward",
-        lambda: _TORCH_CONV[num_dims](x, weight, bias, **native),
+        _native(geometry, simplify),
+        lambda native: _TORCH_CONV[num_dims](x, weight, bias, **native),
         tn,
         geometry,
         (x, weight, bias),
@@ -422,12 +424,12 @@ def input_vjp(
         }
         return _run("input_vjp", geometry, simplify, tensors).reshape(input_shape)
 
-    native = _native(geometry, simplify)
-    if native is None:
-        return tn()
     return _kernel_or_tn(
         "input_vjp",
-        lambda: _convolution_backward(grad_output, None, weight, native, input_shape),
+        _native(geometry, simplify),
+        lambda native: _convolution_backward(
+            grad_output, None, weight, native, input_shape
+        ),
         tn,
         geometry,
         (grad_output, weight),
@@ -590,11 +592,12 @@ def weight_vjp(
         return out.reshape((x.shape[0],) * per_sample + weight_shape)
 
     if not per_sample:
-        if native is None:
-            return tn()
         return _kernel_or_tn(
             "weight_vjp",
-            lambda: _convolution_backward(grad_output, x, None, native, weight_shape),
+            native,
+            lambda native: _convolution_backward(
+                grad_output, x, None, native, weight_shape
+            ),
             tn,
             geometry,
             (x, grad_output),

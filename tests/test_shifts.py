@@ -41,28 +41,27 @@ def _reference(x: torch.Tensor, geometry) -> torch.Tensor:
     padded = F.pad(x.reshape(batch * samples, channels, *size), pad)
     kernel = tuple(d.kernel_size for d in geometry.dims)
     dilation = tuple(d.dilation for d in geometry.dims)
-    u = unfoldNd(padded, kernel, dilation=dilation)
+    stride = tuple(d.stride for d in geometry.dims)
+    u = unfoldNd(padded, kernel, dilation=dilation, stride=stride)
     u = u.reshape(batch, samples, *u.shape[1:])
     return torch.einsum("bnio,bnjo->bij", u, u)
 
 
-def _cases():
-    for dims, size in SIZES.items():
-        for kernel, padding, dilation in GEOMETRIES:
+def _grid(sizes, geometries, name):
+    """``pytest.param(size, *geometry)`` for every size and fitting geometry."""
+    for dims, size in sizes.items():
+        for geometry in geometries:
+            kernel = geometry[0]
             if isinstance(kernel, tuple) and len(kernel) != dims:
                 continue
-            yield pytest.param(
-                dims,
-                size,
-                kernel,
-                padding,
-                dilation,
-                id=f"{dims}d-k{kernel}-p{padding}-d{dilation}",
-            )
+            yield pytest.param(size, *geometry, id=f"{dims}d-" + name(*geometry))
 
 
-@pytest.mark.parametrize("dims, size, kernel, padding, dilation", list(_cases()))
-def test_shift_gram_equals_unfolded_gram(dims, size, kernel, padding, dilation):
+@pytest.mark.parametrize(
+    "size, kernel, padding, dilation",
+    _grid(SIZES, GEOMETRIES, lambda k, p, d: f"k{k}-p{p}-d{d}"),
+)
+def test_shift_gram_equals_unfolded_gram(size, kernel, padding, dilation):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, *size, dtype=torch.float64)  # 2 problems, 3 samples
     geometry = make_geometry(size, kernel, 1, padding, dilation, 1, "zeros")
@@ -87,13 +86,23 @@ def test_shift_gram_refuses_what_it_cannot_do(stride, padding_mode, kernel):
         shift_gram(torch.zeros(1, 1, 1, 8, 8), geometry)
 
 
+def _polyphase_offered(case: Case) -> bool:
+    geometry = case.geometry()
+    if not supports_polyphase_gram(geometry):
+        return False
+    poly, tn = polyphase_products(geometry, case.c_in // case.groups)
+    return poly < tn
+
+
 STRIDE_ONE = [c for c in CASES if supports_shift_gram(c.geometry())]
+STRIDED = [c for c in CASES if _polyphase_offered(c)]
+assert STRIDED  # the shared cases keep a strided 5×5 layer
 
 
 @pytest.mark.parametrize("groups_mode", ["average", "separate"])
-@pytest.mark.parametrize("case", STRIDE_ONE, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", STRIDE_ONE + STRIDED, ids=lambda c: c.id)
 def test_kfac_expand_candidates_agree(case: Case, groups_mode, monkeypatch):
-    """``kfac_input_factor`` measures the TN against the shift Gram: both are right."""
+    """``kfac_input_factor`` measures the TN against the shift or polyphase Gram."""
     x = case.input()
     u = grouped_unfold(case, x)  # [N, G, C/G·K, O]
     if groups_mode == "average":
@@ -108,13 +117,13 @@ def test_kfac_expand_candidates_agree(case: Case, groups_mode, monkeypatch):
         seen.append(len(results))
         for result in results[:-1]:  # same numbers (the TN's axes are unflattened)
             close(result.reshape(results[-1].shape), results[-1])
-        return results[-1]  # the shift Gram's result flows on
+        return results[-1]  # the shift or polyphase Gram's result flows on
 
     monkeypatch.setattr(tnf, "fastest", each)
     result = tnf.kfac_input_factor(
         x, case.kernel_size, groups_mode=groups_mode, **case.hyper
     )
-    assert seen == [2]  # the TN and the shift Gram
+    assert seen == [2]  # the TN and the shift or polyphase Gram
     close(result, expected)
 
 
@@ -134,43 +143,16 @@ POLY_GEOMETRIES = [
 POLY_SIZES = {1: (23,), 2: (17, 14), 3: (11, 9, 10)}
 
 
-def _unfolded_gram(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
-    """``Σ_n Σ_o u uᵀ`` from ``unfoldNd`` with the convolution's own stride."""
-    batch, samples, channels, *size = x.shape
-    u = unfoldNd(
-        x.reshape(batch * samples, channels, *size),
-        kernel,
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-    )
-    u = u.reshape(batch, samples, *u.shape[1:])
-    return torch.einsum("bnio,bnjo->bij", u, u)
-
-
-def _poly_cases():
-    for dims, size in POLY_SIZES.items():
-        for kernel, stride, padding, dilation in POLY_GEOMETRIES:
-            if isinstance(kernel, tuple) and len(kernel) != dims:
-                continue
-            yield pytest.param(
-                size,
-                kernel,
-                stride,
-                padding,
-                dilation,
-                id=f"{dims}d-k{kernel}-s{stride}-p{padding}-d{dilation}",
-            )
-
-
-@pytest.mark.parametrize("size, kernel, stride, padding, dilation", list(_poly_cases()))
+@pytest.mark.parametrize(
+    "size, kernel, stride, padding, dilation",
+    _grid(POLY_SIZES, POLY_GEOMETRIES, lambda k, s, p, d: f"k{k}-s{s}-p{p}-d{d}"),
+)
 def test_polyphase_gram_equals_unfolded_gram(size, kernel, stride, padding, dilation):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 2, *size, dtype=torch.float64)  # 2 problems, 3 samples
     geometry = make_geometry(size, kernel, stride, padding, dilation, 1, "zeros")
     assert supports_polyphase_gram(geometry)
-    expected = _unfolded_gram(x, kernel, stride, padding, dilation)
-    close(polyphase_gram(x, geometry), expected)
+    close(polyphase_gram(x, geometry), _reference(x, geometry))
 
 
 @pytest.mark.parametrize("groups_mode", ["average", "separate"])
@@ -231,42 +213,3 @@ def test_polyphase_offered_only_where_it_saves_products():
         assert not seen  # the TN alone: nothing to measure
         tnf.kfac_input_factor(torch.randn(2, 3, 12, 12), 7, stride=2, padding=3)
         assert seen == [2]
-
-
-def _polyphase_offered(case: Case) -> bool:
-    geometry = case.geometry()
-    if not supports_polyphase_gram(geometry):
-        return False
-    poly, tn = polyphase_products(geometry, case.c_in // case.groups)
-    return poly < tn
-
-
-STRIDED = [c for c in CASES if _polyphase_offered(c)]
-assert STRIDED  # the shared cases keep a strided 5×5 layer
-
-
-@pytest.mark.parametrize("groups_mode", ["average", "separate"])
-@pytest.mark.parametrize("case", STRIDED, ids=lambda c: c.id)
-def test_kfac_expand_polyphase_candidate_agrees(case: Case, groups_mode, monkeypatch):
-    """``kfac_input_factor`` measures the TN against the polyphase Gram: both right."""
-    x = case.input()
-    u = grouped_unfold(case, x)  # [N, G, C/G·K, O]
-    if groups_mode == "average":
-        u = u.mean(1, keepdim=True)
-    expected = torch.einsum("ngio,ngjo->gij", u, u) / x.shape[0]
-    if groups_mode == "average":
-        expected = expected[0]
-    seen = []
-
-    def each(key, runs, device):
-        results = [run() for run in runs]
-        seen.append(len(results))
-        close(results[0].reshape(results[-1].shape), results[-1])
-        return results[-1]  # the polyphase Gram's result flows on
-
-    monkeypatch.setattr(tnf, "fastest", each)
-    result = tnf.kfac_input_factor(
-        x, case.kernel_size, groups_mode=groups_mode, **case.hyper
-    )
-    assert seen == [2]
-    close(result, expected)

@@ -58,6 +58,7 @@ def supports_polyphase_gram(geometry: ConvGeometry) -> bool:
     )
 
 
+@lru_cache(maxsize=1024)
 def polyphase_products(geometry: ConvGeometry, channels: int) -> tuple:
     """Input-sized products per sample: ``(polyphase Gram, block-triangular Gram)``.
 
@@ -155,21 +156,28 @@ def polyphase_gram(x: Tensor, geometry: ConvGeometry) -> Tensor:
     phases = split.permute(order).reshape(*lead[:2], -1, *lengths)
     stride_one = ConvGeometry(tuple(p for p, _ in plans), geometry.groups)
     gram = shift_gram(phases, stride_one)
+    rows = _phase_rows(geometry, x.shape[2])
+    index = torch.tensor(rows, device=x.device)
+    return gram[:, index][:, :, index]
 
-    # row of (channel, tap) in the phases' Gram: channel-major, then the phases,
-    # then the stride-1 taps
+
+@lru_cache(maxsize=1024)
+def _phase_rows(geometry: ConvGeometry, channels: int) -> Tuple[int, ...]:
+    """Rows of the original (channel, tap) pairs in the phases' Gram.
+
+    The phases' Gram is channel-major, then the phases, then the stride-1 taps.
+    """
+    plans = [_phase_dim(d) for d in geometry.dims]
+    strides = [d.stride for d in geometry.dims]
     taps_per_phase = math.prod(p.kernel_size for p, _ in plans)
     block = math.prod(strides) * taps_per_phase
     rows = []
-    for k in itertools.product(*(range(d.kernel_size) for d in dims)):
+    for k in itertools.product(*(range(d.kernel_size) for d in geometry.dims)):
         pairs = [plan[1][kk] for plan, kk in zip(plans, k)]
         phase = _flat([r for r, _ in pairs], strides)
         tap = _flat([t for _, t in pairs], [p.kernel_size for p, _ in plans])
         rows.append(phase * taps_per_phase + tap)
-    channels = x.shape[2]
-    index = torch.tensor(rows, device=x.device)
-    index = (torch.arange(channels, device=x.device)[:, None] * block + index).flatten()
-    return gram[:, index][:, :, index]
+    return tuple(c * block + r for c in range(channels) for r in rows)
 
 
 def _flat(indices, sizes) -> int:
