@@ -494,6 +494,24 @@ def test_only_the_deepest_output_edges_are_differentiated():
     assert [edge.node for edge in kept] == [edges[0].node]  # the first convolution
 
 
+def test_ekfac_correction_that_computes_its_factors_first():
+    """A factor computation nested in the correction leaves its edges recording."""
+    model, data = residual_net(), loader((2, 6, 6), batch_size=30)
+    loss = nn.CrossEntropyLoss()
+    kw = dict(fisher_type="empirical")
+    ours = build(EKFACLinearOperator, model, loss, data, **kw)
+    reference = dense(build(curvlinops.EKFACLinearOperator, model, loss, data, **kw))
+    # forget everything (curvlinops' attributes): the correction computes the factors
+    ours._input_covariances.clear()
+    ours._gradient_covariances.clear()
+    ours._input_covariances_eigenvectors.clear()
+    ours._gradient_covariances_eigenvectors.clear()
+    ours._corrected_eigenvalues.clear()
+    # factors and correction both backpropagate without parameter gradients
+    assert weight_gradients_seen(model, ours.compute_eigenvalue_correction) == 0
+    torch.testing.assert_close(dense(ours), reference, rtol=1e-8, atol=1e-12)
+
+
 class TwiceApplied(nn.Module):
     """One convolution applied twice; only one of its outputs reaches the loss."""
 

@@ -146,13 +146,19 @@ def _collecting_edges(method):
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        # nested (EKFAC's correction computes missing factors first): the outer
+        # computation records again afterwards
+        outer = _EDGES in self.__dict__
         self.__dict__[_EDGES] = []
         try:
             return method(self, *args, **kwargs)
         finally:
             # also after an exception between a forward and its backward pass: the
             # edges would hold that graph and belong to no later loss
-            self.__dict__.pop(_EDGES, None)
+            if outer:
+                self.__dict__[_EDGES] = []
+            else:
+                self.__dict__.pop(_EDGES, None)
 
     return wrapper
 
@@ -205,8 +211,10 @@ def _compute_loss_and_backward(self: _CurvKFAC, output: Tensor, y: Tensor) -> No
         return stock(self, output, y)
     self.__dict__[_EDGES] = None  # record nothing during the backward pass
     try:
+        if self._fisher_type not in _BACKPROPAGATING:
+            return stock(self, output, y)
         inputs = _frontier(edges, output.grad_fn)
-        if self._fisher_type not in _BACKPROPAGATING or not inputs:
+        if not inputs:
             return stock(self, output, y)
         params = self._params
         self._params = inputs
