@@ -239,3 +239,38 @@ def test_candidates_command_times_every_kfac_expand_candidate(capsys):
     assert rows[2].split("|")[3].strip() == "—"  # no shift Gram at stride 2
     with pytest.raises(ValueError, match="expected"):
         candidates_main(["--layer", "2x4x6x6:s2"])
+
+
+def test_calibration_regret_follows_the_choice_rule():
+    """Hand-made rows: the cheapest estimate below the threshold, the fastest
+    plausible candidate above it."""
+    from backpack_tn.bench.calibrate import regret
+
+    # candidate 0: 100 FLOPs, no calls, 1 s; candidate 1: 50 FLOPs, 10 calls, 2 s
+    rows = [dict(terms=[[100.0, 0.0, 0.0], [50.0, 10.0, 0.0]], times=[1.0, 2.0])]
+    assert regret(rows, call=0.0, copy=0.0, threshold=1e3) == [2.0]  # model: 1
+    assert regret(rows, call=10.0, copy=0.0, threshold=1e3) == [1.0]  # model: 0
+    # autotuned: both plausible (100 <= 2 * 50), the measured fastest wins
+    assert regret(rows, 0.0, 0.0, threshold=0.0, prune=2.0, slack=0.0) == [1.0]
+    # not within 1.5x or 10 FLOPs of the cheapest: only candidate 1 is measured
+    assert regret(rows, 0.0, 0.0, threshold=0.0, prune=1.5, slack=10.0) == [2.0]
+    assert regret(rows, 0.0, 0.0, threshold=0.0, prune=1.5, slack=50.0) == [1.0]
+
+
+def test_calibrate_command_times_the_candidates_of_a_zoo_layer(tmp_path, capsys):
+    from backpack_tn.bench.calibrate import main as calibrate_main
+
+    out = tmp_path / "cal.json"
+    args = ["--models", "2c2d", "--max-layers", "1", "--batch-size", "2"]
+    assert calibrate_main([*args, "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["operation"] for r in rows} >= {"diag_ggn", "per_sample_grad"}
+    for row in rows:
+        assert len(row["candidates"]) == len(row["times"]) == len(row["terms"]) >= 2
+        assert all(t > 0 for t in row["times"])
+    diag = next(r for r in rows if r["operation"] == "diag_ggn")
+    assert any(name.startswith("per_class/") for name in diag["candidates"])
+    assert "(current)" in capsys.readouterr().out
+    assert calibrate_main(["--analyse", str(out)]) == 0
+    with pytest.raises(SystemExit):
+        calibrate_main([])

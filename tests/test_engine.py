@@ -623,3 +623,45 @@ def test_autotune_measures_results_in_their_final_layout():
     )
     assert result.is_contiguous()  # measured with the copy the caller's reshape makes
     close(result, raw[strided[pick]])
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["summed", "per_sample"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_every_diag_ggn_candidate_is_right(case: Case, per_sample: bool):
+    """Each way of evaluating the diagonal GGN — the one-contraction-per-class loop
+    included — equals the reference from explicit per-(class, sample) gradients."""
+    import importlib
+
+    from backpack_tn.functional import _x_and_output
+    from tests.test_functional import _random_S, _reference_sqrt_ggn
+
+    ev = importlib.import_module("backpack_tn.tn.evaluate")
+    _, x, out, *_ = forward_with_grads(case)
+    S = _random_S(case, out)
+    sqrt = _reference_sqrt_ggn(case, x, S)
+    expected = sqrt.pow(2).sum(0) if per_sample else sqrt.pow(2).sum((0, 1))
+    geometry, tensors, _ = _x_and_output(x, S, "S", 2, case.kernel_size, **case.hyper)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    nets = networks("diag_ggn", geometry, True, per_sample=per_sample)
+    options = ev.candidates(nets, shapes, x.dtype, x.device)
+    assert "per_class" in {c.executor for c in options}
+    for option in options:
+        result = ev._execute(option, tensors, 1)
+        close(result.reshape(expected.shape), expected)
+    # chunked over the batch, too
+    per_class = next(c for c in options if c.executor == "per_class")
+    close(ev._execute(per_class, tensors, 2).reshape(expected.shape), expected)
+
+
+def test_per_class_only_for_squared_sums_over_classes():
+    """Without the square-sum over ``v`` (square root of the GGN) there is nothing
+    to accumulate per class: no such candidate."""
+    geometry = make_geometry((9, 9), 3, 1, 1)
+    shapes = {"x": (2, 1, 4, 9, 9), "s": (3, 2, 1, 6, 9, 9)}
+    args = (shapes, torch.float64, torch.device("cpu"))
+    for net, expected in (
+        (networks("sqrt_ggn", geometry, True, sum_batch=False), False),
+        (networks("diag_ggn", geometry, True, per_sample=False), True),
+    ):
+        executors = {c.executor for c in candidates(net, *args)}
+        assert ("per_class" in executors) is expected

@@ -61,20 +61,29 @@ STRATEGIES = ("pattern", "window", "taps")
 COPY_COST = 16.0
 
 #: FLOP-equivalents of one kernel launch / Python-level torch call, so that tiny
-#: problems prefer the candidate with the fewest calls. Calibrated against
-#: ``COPY_COST`` on a CPU: a small torch call (≈ 15–20 µs with its reshapes) costs
-#: about as much as copying 10⁴ elements (≈ 1.5 ns each).
-CALL_COST = 2e5
+#: problems prefer the candidate with the fewest calls. A small einsum call takes
+#: 10–20 µs on a CPU (one index-pattern step of a 7×7 depthwise KFAC factor: 18 µs),
+#: the time of ~10⁶ FLOPs of a GEMM at ~100 GFLOP/s (one core of the benchmark
+#: machine). The previous value, 2·10⁵, made five tiny einsum calls look cheaper than
+#: one ``im2col`` and one GEMM that ran twice as fast
+#: (``python -m backpack_tn.bench.calibrate``, docs/engine.md).
+CALL_COST = 1e6
 
 #: Autotuning measures only candidates estimated at most this many times as costly as
-#: the cheapest, so one first call never runs a hopeless candidate.
+#: the cheapest, so one first call never runs a hopeless candidate ...
 AUTOTUNE_PRUNE = 2.0
+
+#: ... or, for small problems, at most this many FLOP-equivalents (≈ 2 ms) more: the
+#: model misjudges small problems by more than 2× (per-tap loops on depthwise layers
+#: ran 1.7–2× faster than the candidate estimated cheapest), and measuring them costs
+#: a few milliseconds once.
+AUTOTUNE_SLACK = 2e8
 
 _SETTINGS: Dict[str, object] = {
     "budget": 2**30,  # bytes of the largest intermediate before batch chunking
     "forced": None,  # a strategy pinned by force_strategy
     "autotune": True,
-    "autotune_min_flops": 1e7,  # below (≈ 1 ms): the cost model decides
+    "autotune_min_flops": 2e6,  # below (a few tens of µs): the cost model decides
     "native": True,  # forward/input VJP/weight VJP may run torch's own kernels
     "gram": True,  # Gram networks by their block upper triangle (gram_form)
 }
@@ -127,7 +136,7 @@ def set_autotune(enabled: bool, min_flops: Optional[float] = None) -> None:
     Args:
         enabled: Whether to autotune.
         min_flops: Problems whose cheapest candidate is estimated below this many
-            FLOPs are never measured (default ``1e7``: about a millisecond).
+            FLOPs are never measured (default ``2e6``: a few tens of µs).
     """
     _SETTINGS["autotune"] = bool(enabled)
     if min_flops is not None:
@@ -415,10 +424,52 @@ def _run_taps(net: TensorNetwork, tensors: Mapping[str, Tensor]) -> Tensor:
     return run_taps(net, tensors, _axis_sizes(net, shapes), _contract)
 
 
+def _class_axis(net: TensorNetwork) -> Optional[Tuple[int, int]]:
+    """(operand index, axis position) of the class axis ``v`` that the epilogue sums.
+
+    ``None`` unless the network squares and sums over ``v`` and ``v`` lives on one
+    operand used in its stored layout (the backpropagated factor ``S``).
+    """
+    if not net.square_sum or "v" not in net.square_sum:
+        return None
+    holders = [i for i, op in enumerate(net.operands) if "v" in op.axes]
+    if len(holders) != 1 or net.operands[holders[0]].layout is not None:
+        return None
+    op = net.operands[holders[0]]
+    return holders[0], net.kept(op.contracted_axes).index("v")
+
+
+def supports_per_class(net: TensorNetwork) -> bool:
+    """Whether :func:`_run_per_class` applies (diagonal GGN networks)."""
+    return _class_axis(net) is not None
+
+
+def _run_per_class(net: TensorNetwork, tensors: Mapping[str, Tensor]) -> Tensor:
+    """One contraction per class of ``S``, squared results accumulated.
+
+    ``S`` is stored ``[V, N, ...]``; a contraction that batches over ``n`` (one GEMM per
+    sample) first copies it to ``[N, V, ...]`` — as much memory traffic as ``S`` has
+    elements, which on few-channel layers costs more than the GEMM (2c2d's first
+    layer: ~6 of 14 ms). Each class slice ``S[v]`` is already ``[N, ...]``-contiguous:
+    ``V`` contractions, no copy. The other operands are prepared once.
+    """
+    index, position = _class_axis(net)
+    any_tensor = next(iter(tensors.values()))
+    operands = _materialise_all(net, tensors, any_tensor.dtype, any_tensor.device)
+    factor = operands[index]
+    total = None
+    for v in range(factor.shape[position]):
+        operands[index] = factor.narrow(position, v, 1)
+        part = _contract(net, operands)
+        total = part if total is None else total.add_(part)
+    return total
+
+
 #: Executors by name: ``(network, tensors) -> result with network.result_axes``.
 EXECUTORS: Dict[str, Callable[[TensorNetwork, Mapping[str, Tensor]], Tensor]] = {
     "einsum": _run_einsum,
     "taps": _run_taps,
+    "per_class": _run_per_class,
 }
 
 
@@ -473,7 +524,8 @@ def candidates(
         taps = math.prod(
             p.geometry.kernel_size for p in net.plans if p.kind == "window"
         )
-        calls = plan.expression.steps + sum(n for n, _ in windowed.values())
+        window_calls = sum(n for n, _ in windowed.values())
+        calls = plan.expression.steps + window_calls
         epilogue = 0.0
         if net.square_sum:
             sizes = _axis_sizes(net, shapes)
@@ -503,6 +555,25 @@ def candidates(
             cost = base + COPY_COST * (copied + taps * others) + CALL_COST * 4 * taps
             result.append(
                 Candidate(net, "taps", cost, plan.largest_intermediate, op_shapes)
+            )
+        classes = _class_axis(net)
+        if classes is not None:
+            # V contractions of one class each: the same products without copying S
+            index, position = classes
+            one = list(op_shapes)
+            one[index] = one[index][:position] + (1,) + one[index][position + 1 :]
+            per_class = _plan(net.equation, one, dtype, device)
+            count = op_shapes[index][position]
+            cost = (
+                count * per_class.flops
+                + epilogue
+                + COPY_COST * copied
+                + CALL_COST * (count * (per_class.expression.steps + 2) + window_calls)
+            )
+            result.append(
+                Candidate(
+                    net, "per_class", cost, per_class.largest_intermediate, op_shapes
+                )
             )
     forced = _SETTINGS["forced"]
     if forced is not None:
@@ -808,7 +879,8 @@ def evaluate(
     )
     index = _TUNED.get(key) if tune else cheapest
     if index is None:  # first call: measure the plausible candidates
-        bound = AUTOTUNE_PRUNE * options[cheapest].cost
+        least = options[cheapest].cost
+        bound = max(AUTOTUNE_PRUNE * least, least + AUTOTUNE_SLACK)
         plausible = [i for i, c in enumerate(options) if c.cost <= bound]
         result, pick = _autotune(
             [options[i] for i in plausible], tensors, shapes, device

@@ -1,0 +1,255 @@
+r"""Check the engine's cost model against measurements on real layers.
+
+Every contraction the engine evaluates for the zoo's layers (KFAC factors, per-sample
+gradients, batch L2, GGN diagonals) is recorded; each of its candidates is timed; then
+the choice the engine would make — the cheapest estimate below the autotuning
+threshold, the fastest measured among the plausible ones above it — is compared with
+the fastest candidate, for the current constants and a grid of alternatives::
+
+    python -m backpack_tn.bench.calibrate --models 3c3d 2c2d allcnnc --batch-size 32 \\
+        --json deepobs.json
+    python -m backpack_tn.bench.calibrate --models mobilenet_v2 resnet18 --json b.json
+    python -m backpack_tn.bench.calibrate --analyse deepobs.json b.json
+
+The regret of a choice is its time over the fastest candidate's. Autotuning is
+assumed to find the fastest plausible candidate (it measures them on the real inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import math
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence
+from unittest import mock
+
+import torch
+
+from backpack_tn import functional
+from backpack_tn.bench.baselines import make_problem, tn_implementation
+from backpack_tn.bench.measure import interleaved_medians
+from backpack_tn.bench.zoo import ZOO, zoo_layers
+
+# the module, not the function of the same name that ``backpack_tn.tn`` exports
+_ev = importlib.import_module("backpack_tn.tn.evaluate")
+
+#: Operations whose TN runs through the engine's candidates.
+OPERATIONS = (
+    "kfac_expand",
+    "kfac_reduce",
+    "per_sample_grad",
+    "batch_l2",
+    "diag_ggn",
+    "diag_ggn_per_sample",
+)
+
+
+@contextmanager
+def _constants(call: float, copy: float) -> Iterator[None]:
+    saved = _ev.CALL_COST, _ev.COPY_COST
+    _ev.CALL_COST, _ev.COPY_COST = call, copy
+    try:
+        yield
+    finally:
+        _ev.CALL_COST, _ev.COPY_COST = saved
+
+
+def _cost_terms(formulations, shapes, dtype, device) -> List[List[float]]:
+    """Per candidate: (FLOPs, torch calls, copied elements); costs are linear."""
+    costs = {}
+    for call, copy in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0)):
+        with _constants(call, copy):
+            costs[call, copy] = [
+                c.cost for c in _ev.candidates(formulations, shapes, dtype, device)
+            ]
+    return [
+        [base, calls - base, copies - base]
+        for base, calls, copies in zip(
+            costs[0.0, 0.0], costs[1.0, 0.0], costs[0.0, 1.0]
+        )
+    ]
+
+
+def record(
+    models: Sequence[str],
+    max_layers: Optional[int],
+    batch_size: int,
+    classes: int,
+    max_cost: float,
+    repeats: int,
+    device: torch.device,
+) -> List[dict]:
+    """Time every candidate of every recorded contraction (see the module docstring)."""
+    dtype = torch.float32
+    rows: List[dict] = []
+    for layer in zoo_layers(models)[:max_layers]:
+        problem = make_problem(layer, batch_size, classes, dtype, device)
+        for op in OPERATIONS:
+            seen: Dict[tuple, tuple] = {}
+
+            def spy(formulations, tensors, seen=seen):
+                shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+                seen.setdefault(
+                    (id(formulations), tuple(sorted(shapes.items()))),
+                    (formulations, dict(tensors)),
+                )
+                return _ev.evaluate(formulations, tensors)
+
+            # without autotuning, only the TN runs (not a torch-kernel alternative
+            # whose choice may be cached) and no candidate is timed twice
+            tuning = _ev.get_autotune()
+            _ev.set_autotune(False)
+            try:
+                with mock.patch.object(functional, "evaluate", spy):
+                    tn_implementation(op, True)(problem)
+            finally:
+                _ev.set_autotune(*tuning)
+            for formulations, tensors in seen.values():
+                shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+                options = _ev.candidates(formulations, shapes, dtype, device)
+                if len(options) < 2 or min(c.cost for c in options) > max_cost:
+                    continue
+                runs = {
+                    str(i): (
+                        lambda c=c: _ev._execute(c, tensors, 1).contiguous()  # noqa: B023
+                    )
+                    for i, c in enumerate(options)
+                }
+                times = interleaved_medians(runs, device, repeats)
+                rows.append(
+                    dict(
+                        layer=layer.name,
+                        operation=op,
+                        candidates=[
+                            f"{c.executor}/{c.network.strategy}/{c.network.label}"
+                            for c in options
+                        ],
+                        terms=_cost_terms(formulations, shapes, dtype, device),
+                        times=[times[str(i)] for i in range(len(options))],
+                    )
+                )
+        del problem
+    return rows
+
+
+def regret(
+    rows: Sequence[dict],
+    call: float,
+    copy: float,
+    threshold: float,
+    prune: float = _ev.AUTOTUNE_PRUNE,
+    slack: float = _ev.AUTOTUNE_SLACK,
+) -> List[float]:
+    """Time of the engine's choice over the fastest candidate's, per problem."""
+    out = []
+    for row in rows:
+        cost = [f + call * n + copy * e for f, n, e in row["terms"]]
+        cheapest = min(range(len(cost)), key=cost.__getitem__)
+        pick = cheapest
+        if cost[cheapest] >= threshold:
+            bound = max(prune * cost[cheapest], cost[cheapest] + slack)
+            plausible = [i for i, c in enumerate(cost) if c <= bound]
+            pick = min(plausible, key=lambda i: row["times"][i])
+        out.append(row["times"][pick] / min(row["times"]))
+    return out
+
+
+def summary(rows: Sequence[dict]) -> str:
+    """Markdown table: regret of the choices for the current and other constants."""
+    current = (
+        _ev.CALL_COST,
+        _ev.COPY_COST,
+        _ev._SETTINGS["autotune_min_flops"],
+        _ev.AUTOTUNE_PRUNE,
+        _ev.AUTOTUNE_SLACK,
+    )
+    grid = [current]
+    for call, threshold, slack in itertools.product(
+        (2e5, 1e6, 2e6), (1e7, 2e6), (0.0, 2e8)
+    ):
+        setting = (call, _ev.COPY_COST, threshold, _ev.AUTOTUNE_PRUNE, slack)
+        if setting not in grid:
+            grid.append(setting)
+    lines = [
+        f"{len(rows)} contractions with several candidates.",
+        "",
+        "| CALL_COST | COPY_COST | threshold | prune | slack | geo-mean regret | "
+        "choices > 1.05× slower | worst |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for setting in grid:
+        values = regret(rows, *setting[:3], prune=setting[3], slack=setting[4])
+        geo = math.exp(sum(map(math.log, values)) / len(values))
+        bad = sum(v > 1.05 for v in values)
+        mark = " (current)" if setting == current else ""
+        lines.append(
+            f"| {setting[0]:.0e}{mark} | {setting[1]:g} | {setting[2]:.0e} | "
+            f"{setting[3]:g} | {setting[4]:.0e} | {geo:.3f} | {bad} | "
+            f"{max(values):.2f}× |"
+        )
+    worst = sorted(zip(regret(rows, *current[:3]), rows), key=lambda p: -p[0])
+    lines += ["", "Worst choices with the current constants:", ""]
+    for value, row in worst[:10]:
+        if value <= 1.05:
+            break
+        pairs = zip(row["candidates"], row["times"])
+        times = ", ".join(f"{name} {1e3 * t:.2f} ms" for name, t in pairs)
+        lines.append(f"- {row['layer']} {row['operation']}: {value:.2f}× ({times})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(
+        prog="python -m backpack_tn.bench.calibrate",
+        description="Time every candidate the engine considers on the zoo's layers "
+        "and compare the engine's choices with the fastest.",
+    )
+    parser.add_argument("--models", nargs="+", choices=list(ZOO))
+    parser.add_argument("--max-layers", type=int, help="only the first N layers")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument(
+        "--max-cost",
+        type=float,
+        default=1e9,
+        help="skip contractions whose cheapest estimate exceeds this (long runs)",
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="write the measurements here")
+    parser.add_argument(
+        "--analyse", nargs="+", metavar="JSON", help="summarise saved measurements"
+    )
+    args = parser.parse_args(argv)
+    rows: List[dict] = []
+    if args.analyse:
+        for path in args.analyse:
+            with open(path) as f:
+                rows += json.load(f)["rows"]
+    if args.models:
+        torch.set_num_threads(args.threads)
+        rows += record(
+            args.models,
+            args.max_layers,
+            args.batch_size,
+            args.classes,
+            args.max_cost,
+            args.repeats,
+            torch.device(args.device),
+        )
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": vars(args), "rows": rows}, f, indent=1)
+    if not rows:
+        parser.error("nothing to summarise: give --models or --analyse")
+    print(summary(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
