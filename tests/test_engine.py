@@ -665,3 +665,26 @@ def test_per_class_only_for_squared_sums_over_classes():
     ):
         executors = {c.executor for c in candidates(net, *args)}
         assert ("per_class" in executors) is expected
+
+
+@pytest.mark.parametrize("classes", [1, 3], ids=["V1", "V3"])
+def test_per_class_strategy_through_the_functional_api(classes: int):
+    """Forced, the per-class executor serves ``diag_ggn_weight`` — also for an ``S``
+    stored sample-major (a strided view); with one class it is not offered and the
+    others run."""
+    from tests.test_functional import _random_S, _reference_sqrt_ggn
+
+    case = next(c for c in CASES if c.dims == 2 and c.name == "k3-s2-p1")
+    _, x, out, *_ = forward_with_grads(case)
+    S = _random_S(case, out, classes)
+    sample_major = S.transpose(0, 1).contiguous().transpose(0, 1)
+    assert classes == 1 or not sample_major.is_contiguous()
+    sqrt = _reference_sqrt_ggn(case, x, S)
+    for per_sample in (False, True):
+        expected = sqrt.pow(2).sum(0) if per_sample else sqrt.pow(2).sum((0, 1))
+        with force_strategy("per_class"):
+            for factor in (S, sample_major):
+                result = tnf.diag_ggn_weight(
+                    x, factor, case.kernel_size, per_sample=per_sample, **case.hyper
+                )
+                close(result, expected)

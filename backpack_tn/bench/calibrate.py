@@ -13,11 +13,16 @@ the fastest candidate, for the current constants and a grid of alternatives::
 
 The regret of a choice is its time over the fastest candidate's. Autotuning is
 assumed to find the fastest plausible candidate (it measures them on the real inputs).
+Candidates are timed as autotuning times them (the generic executor, batch chunks as
+the memory budget asks, results made contiguous), not as the prepared call that runs
+afterwards; the choice between the engine's TN and torch's kernels or BackPACK's
+trick (``functional``) is not covered.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import itertools
 import json
@@ -73,6 +78,10 @@ def _cost_terms(formulations, shapes, dtype, device) -> List[List[float]]:
     ]
 
 
+def _run(candidate, tensors, chunks: int) -> torch.Tensor:
+    return _ev._execute(candidate, tensors, chunks).contiguous()
+
+
 def record(
     models: Sequence[str],
     max_layers: Optional[int],
@@ -113,8 +122,8 @@ def record(
                 if len(options) < 2 or min(c.cost for c in options) > max_cost:
                     continue
                 runs = {
-                    str(i): (
-                        lambda c=c: _ev._execute(c, tensors, 1).contiguous()  # noqa: B023
+                    str(i): functools.partial(
+                        _run, c, tensors, _ev._chunks(c, shapes, dtype)
                     )
                     for i, c in enumerate(options)
                 }
@@ -140,19 +149,17 @@ def regret(
     call: float,
     copy: float,
     threshold: float,
-    prune: float = _ev.AUTOTUNE_PRUNE,
-    slack: float = _ev.AUTOTUNE_SLACK,
+    prune: Optional[float] = None,
+    slack: Optional[float] = None,
 ) -> List[float]:
     """Time of the engine's choice over the fastest candidate's, per problem."""
     out = []
     for row in rows:
         cost = [f + call * n + copy * e for f, n, e in row["terms"]]
-        cheapest = min(range(len(cost)), key=cost.__getitem__)
-        pick = cheapest
-        if cost[cheapest] >= threshold:
-            bound = max(prune * cost[cheapest], cost[cheapest] + slack)
-            plausible = [i for i, c in enumerate(cost) if c <= bound]
-            pick = min(plausible, key=lambda i: row["times"][i])
+        pick = min(range(len(cost)), key=cost.__getitem__)
+        if cost[pick] >= threshold:
+            measured = _ev.plausible(cost, prune, slack)
+            pick = min(measured, key=lambda i: row["times"][i])
         out.append(row["times"][pick] / min(row["times"]))
     return out
 
@@ -167,10 +174,10 @@ def summary(rows: Sequence[dict]) -> str:
         _ev.AUTOTUNE_SLACK,
     )
     grid = [current]
-    for call, threshold, slack in itertools.product(
-        (2e5, 1e6, 2e6), (1e7, 2e6), (0.0, 2e8)
+    for call, copy, threshold, slack in itertools.product(
+        (2e5, 1e6, 2e6), (16.0, 64.0), (1e7, 2e6), (0.0, 2e8)
     ):
-        setting = (call, _ev.COPY_COST, threshold, _ev.AUTOTUNE_PRUNE, slack)
+        setting = (call, copy, threshold, _ev.AUTOTUNE_PRUNE, slack)
         if setting not in grid:
             grid.append(setting)
     lines = [
@@ -232,16 +239,20 @@ def main(argv=None) -> int:
             with open(path) as f:
                 rows += json.load(f)["rows"]
     if args.models:
+        threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)
-        rows += record(
-            args.models,
-            args.max_layers,
-            args.batch_size,
-            args.classes,
-            args.max_cost,
-            args.repeats,
-            torch.device(args.device),
-        )
+        try:
+            rows += record(
+                args.models,
+                args.max_layers,
+                args.batch_size,
+                args.classes,
+                args.max_cost,
+                args.repeats,
+                torch.device(args.device),
+            )
+        finally:
+            torch.set_num_threads(threads)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"meta": vars(args), "rows": rows}, f, indent=1)

@@ -9,7 +9,9 @@ executor:
 * ``window`` — patterns applied as strided windows of the input, materialised once
   in GEMM-ready layout (im2col without a padded copy), then contracted;
 * ``taps`` — window formulations contracted one kernel tap at a time on strided views
-  (:mod:`backpack_tn.tn.windows`): no unfolded input at all.
+  (:mod:`backpack_tn.tn.windows`): no unfolded input at all;
+* ``per_class`` — networks squared and summed over the classes of ``S`` (diagonal
+  GGN) contracted one class slice ``S[v]`` at a time: no copy of ``S``.
 
 Every candidate is planned with ``opt_einsum`` for the concrete shapes (plans cached per
 equation, shapes, dtype and device). Small problems take the candidate with the lowest
@@ -54,7 +56,7 @@ from backpack_tn.tn.windows import (
 )
 
 Shape = Tuple[int, ...]
-STRATEGIES = ("pattern", "window", "taps")
+STRATEGIES = ("pattern", "window", "taps", "per_class")
 
 #: FLOP-equivalents of copying one element (memory-bound work is far slower per
 #: element than a fused multiply-add in a GEMM).
@@ -75,9 +77,27 @@ AUTOTUNE_PRUNE = 2.0
 
 #: ... or, for small problems, at most this many FLOP-equivalents (≈ 2 ms) more: the
 #: model misjudges small problems by more than 2× (per-tap loops on depthwise layers
-#: ran 1.7–2× faster than the candidate estimated cheapest), and measuring them costs
-#: a few milliseconds once.
+#: ran 1.7–2× faster than the candidate estimated cheapest). Measuring such a
+#: candidate costs at most ~40 ms once per problem shape (ten rounds of two runs).
 AUTOTUNE_SLACK = 2e8
+
+
+def plausible(
+    costs: Sequence[float],
+    prune: Optional[float] = None,
+    slack: Optional[float] = None,
+) -> List[int]:
+    """Indices of the candidates autotuning measures, given their estimated costs.
+
+    Those within ``prune`` times the cheapest estimate or ``slack`` above it
+    (defaults: :data:`AUTOTUNE_PRUNE`, :data:`AUTOTUNE_SLACK`).
+    """
+    prune = AUTOTUNE_PRUNE if prune is None else prune
+    slack = AUTOTUNE_SLACK if slack is None else slack
+    least = min(costs)
+    bound = max(prune * least, least + slack)
+    return [i for i, cost in enumerate(costs) if cost <= bound]
+
 
 _SETTINGS: Dict[str, object] = {
     "budget": 2**30,  # bytes of the largest intermediate before batch chunking
@@ -176,7 +196,8 @@ def force_strategy(strategy: Optional[str]) -> Iterator[None]:
     a candidate of that strategy use their others.
 
     Args:
-        strategy: ``'pattern'``, ``'window'``, ``'taps'`` or ``None`` (automatic).
+        strategy: ``'pattern'``, ``'window'``, ``'taps'``, ``'per_class'`` or
+            ``None`` (automatic).
 
     Yields:
         Nothing.
@@ -439,11 +460,6 @@ def _class_axis(net: TensorNetwork) -> Optional[Tuple[int, int]]:
     return holders[0], net.kept(op.contracted_axes).index("v")
 
 
-def supports_per_class(net: TensorNetwork) -> bool:
-    """Whether :func:`_run_per_class` applies (diagonal GGN networks)."""
-    return _class_axis(net) is not None
-
-
 def _run_per_class(net: TensorNetwork, tensors: Mapping[str, Tensor]) -> Tensor:
     """One contraction per class of ``S``, squared results accumulated.
 
@@ -451,7 +467,10 @@ def _run_per_class(net: TensorNetwork, tensors: Mapping[str, Tensor]) -> Tensor:
     sample) first copies it to ``[N, V, ...]`` — as much memory traffic as ``S`` has
     elements, which on few-channel layers costs more than the GEMM (2c2d's first
     layer: ~6 of 14 ms). Each class slice ``S[v]`` is already ``[N, ...]``-contiguous:
-    ``V`` contractions, no copy. The other operands are prepared once.
+    ``V`` contractions, no copy. The operands are materialised once (window operands
+    included); steps of the plan that do not involve ``S`` (pattern networks may
+    contract the input with its patterns first) run once per class — the cost
+    estimate counts them ``V`` times.
     """
     index, position = _class_axis(net)
     any_tensor = next(iter(tensors.values()))
@@ -485,8 +504,10 @@ class Candidate:
 
     @property
     def strategy(self) -> str:
-        """``'pattern'``, ``'window'`` or ``'taps'``."""
-        return "taps" if self.executor == "taps" else self.network.strategy
+        """``'pattern'``, ``'window'``, ``'taps'`` or ``'per_class'``."""
+        if self.executor in ("taps", "per_class"):
+            return self.executor
+        return self.network.strategy
 
 
 def candidates(
@@ -525,7 +546,8 @@ def candidates(
             p.geometry.kernel_size for p in net.plans if p.kind == "window"
         )
         window_calls = sum(n for n, _ in windowed.values())
-        calls = plan.expression.steps + window_calls
+        epilogue_calls = 2 if net.square_sum else 0  # square, sum
+        calls = plan.expression.steps + window_calls + epilogue_calls
         epilogue = 0.0
         if net.square_sum:
             sizes = _axis_sizes(net, shapes)
@@ -538,7 +560,10 @@ def candidates(
             rows = math.prod(shape[i] for i in perm[num_batch:][:num_rows])
             inner = math.prod(shape[i] for i in perm[num_batch + num_rows :])
             base = plan.flops * product_fraction(rows, inner) + epilogue
-        cost = base + COPY_COST * copied + CALL_COST * calls
+        classes = _class_axis(net)
+        # batching over samples, one contraction copies S [V, N, ...] to [N, V, ...]
+        s_copy = math.prod(op_shapes[classes[0]]) if classes else 0
+        cost = base + COPY_COST * (copied + s_copy) + CALL_COST * calls
         op_shapes = tuple(op_shapes)
         result.append(
             Candidate(net, "einsum", cost, plan.largest_intermediate, op_shapes)
@@ -556,19 +581,20 @@ def candidates(
             result.append(
                 Candidate(net, "taps", cost, plan.largest_intermediate, op_shapes)
             )
-        classes = _class_axis(net)
-        if classes is not None:
+        if classes is not None and op_shapes[classes[0]][classes[1]] > 1:
             # V contractions of one class each: the same products without copying S
             index, position = classes
             one = list(op_shapes)
             one[index] = one[index][:position] + (1,) + one[index][position + 1 :]
             per_class = _plan(net.equation, one, dtype, device)
             count = op_shapes[index][position]
+            # per class: the plan's steps, square, sum, accumulate
+            calls = count * (per_class.expression.steps + 3) + window_calls
             cost = (
                 count * per_class.flops
                 + epilogue
                 + COPY_COST * copied
-                + CALL_COST * (count * (per_class.expression.steps + 2) + window_calls)
+                + CALL_COST * calls
             )
             result.append(
                 Candidate(
@@ -879,13 +905,11 @@ def evaluate(
     )
     index = _TUNED.get(key) if tune else cheapest
     if index is None:  # first call: measure the plausible candidates
-        least = options[cheapest].cost
-        bound = max(AUTOTUNE_PRUNE * least, least + AUTOTUNE_SLACK)
-        plausible = [i for i, c in enumerate(options) if c.cost <= bound]
+        measured = plausible([c.cost for c in options])
         result, pick = _autotune(
-            [options[i] for i in plausible], tensors, shapes, device
+            [options[i] for i in measured], tensors, shapes, device
         )
-        index = plausible[pick]
+        index = measured[pick]
         _TUNED.put(key, index)
     else:
         result = None
