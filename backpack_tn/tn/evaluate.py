@@ -352,7 +352,7 @@ def _prepare_operand(net: TensorNetwork, op: Operand, tensor: Tensor, drop) -> T
     return tensor
 
 
-def _contract(net: TensorNetwork, operands: list) -> Tensor:
+def _contract(net: TensorNetwork, operands: list, epilogue: bool = True) -> Tensor:
     """Contract materialised operands (plan from the cache) and apply the epilogue."""
     if len(operands) == 2 and operands[0] is operands[1] and _SETTINGS["gram"]:
         form = gram_form(net)
@@ -362,7 +362,9 @@ def _contract(net: TensorNetwork, operands: list) -> Tensor:
     shapes = [tuple(o.shape) for o in operands]
     plan = _plan(net.equation, shapes, tensor.dtype, tensor.device)
     result = plan.expression(*operands)
-    return _square_sum(net, result, operands) if net.square_sum else result
+    if not (net.square_sum and epilogue):
+        return result
+    return _square_sum(net, result, operands)
 
 
 @lru_cache(maxsize=1024)
@@ -470,18 +472,27 @@ def _run_per_class(net: TensorNetwork, tensors: Mapping[str, Tensor]) -> Tensor:
     ``V`` contractions, no copy. The operands are materialised once (window operands
     included); steps of the plan that do not involve ``S`` (pattern networks may
     contract the input with its patterns first) run once per class — the cost
-    estimate counts them ``V`` times.
+    estimate counts them ``V`` times. Squares are accumulated in one pass per class
+    (``addcmul_``) and summed over the other squared axes (``n``) once at the end:
+    squaring, summing and adding each class's result separately read and wrote it
+    four times, which doubled the time of per-sample diagonals of wide layers
+    (All-CNN-C 3×3 192→192 at 16², batch 32: 930 vs 420 ms for the single contraction).
     """
     index, position = _class_axis(net)
     any_tensor = next(iter(tensors.values()))
     operands = _materialise_all(net, tensors, any_tensor.dtype, any_tensor.device)
     factor = operands[index]
-    total = None
+    squares = None
     for v in range(factor.shape[position]):
         operands[index] = factor.narrow(position, v, 1)
-        part = _contract(net, operands)
-        total = part if total is None else total.add_(part)
-    return total
+        part = _contract(net, operands, epilogue=False)  # class axis of size 1
+        if squares is None:
+            fresh = all(part.data_ptr() != t.data_ptr() for t in operands)
+            squares = part.mul_(part) if fresh else part * part
+        else:
+            squares.addcmul_(part, part)
+    out = net.kept(net.output)
+    return squares.sum(tuple(out.index(a) for a in net.square_sum if a in out))
 
 
 #: Executors by name: ``(network, tensors) -> result with network.result_axes``.
@@ -588,8 +599,8 @@ def candidates(
             one[index] = one[index][:position] + (1,) + one[index][position + 1 :]
             per_class = _plan(net.equation, one, dtype, device)
             count = op_shapes[index][position]
-            # per class: the plan's steps, square, sum, accumulate
-            calls = count * (per_class.expression.steps + 3) + window_calls
+            # per class: the plan's steps and one multiply-accumulate; one sum
+            calls = count * (per_class.expression.steps + 1) + 1 + window_calls
             cost = (
                 count * per_class.flops
                 + epilogue
