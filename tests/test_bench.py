@@ -175,12 +175,12 @@ def test_round_order_balances_predecessors():
     assert len(follows) == 6 and max(follows.values()) == min(follows.values())
 
 
-def _run_file(path, times, layers=("a",), batch_size=8):
+def _run_file(path, times, layers=("a",), batch_size=8, operations=("kfac_expand",)):
     results = [
         dict(
             layer=layer,
             description="3x3",
-            operation="kfac_expand",
+            operation=operation,
             implementation=impl,
             time_s=t,
             memory_bytes=None,
@@ -188,6 +188,7 @@ def _run_file(path, times, layers=("a",), batch_size=8):
             category="general",
         )
         for layer in layers
+        for operation in operations
         for impl, t in zip(("tn", "unfold"), times)
     ]
     meta = {"command": "bench", "batch_size": batch_size}
@@ -274,3 +275,31 @@ def test_calibrate_command_times_the_candidates_of_a_zoo_layer(tmp_path, capsys)
     assert calibrate_main(["--analyse", str(out)]) == 0
     with pytest.raises(SystemExit):
         calibrate_main([])
+
+
+def test_merge_update_replaces_the_re_run_operations_only(tmp_path):
+    from backpack_tn.bench.merge import main as merge_main
+
+    ops = ("kfac_expand", "diag_ggn")
+    base = _run_file(tmp_path / "base.json", (2.0, 3.0), ("a", "b"), operations=ops)
+    rerun = _run_file(tmp_path / "new.json", (1.0, 5.0), ("b",), operations=ops[1:])
+    out = tmp_path / "out.json"
+    assert merge_main([str(out), "--update", base, rerun, "--command", "x; y"]) == 0
+    merged = json.loads(out.read_text())
+    rows = [(r["layer"], r["operation"], r["time_s"]) for r in merged["results"]]
+    assert rows == [
+        ("a", "kfac_expand", 2.0),
+        ("a", "kfac_expand", 3.0),
+        ("a", "diag_ggn", 2.0),
+        ("a", "diag_ggn", 3.0),
+        ("b", "kfac_expand", 2.0),
+        ("b", "kfac_expand", 3.0),
+        ("b", "diag_ggn", 1.0),  # re-run
+        ("b", "diag_ggn", 5.0),
+    ]
+    assert merged["meta"]["command"] == "x; y"
+    unknown = _run_file(tmp_path / "c.json", (1.0, 1.0), ("c",))
+    with pytest.raises(ValueError, match="no measurement"):
+        merge_main([str(out), "--update", base, unknown, "--command", "x"])
+    with pytest.raises(SystemExit):  # --update needs --command
+        merge_main([str(out), "--update", base, rerun])

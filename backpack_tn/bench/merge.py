@@ -12,6 +12,10 @@ benchmark command prints):
   long run split into parts with ``--max-layers``/``--skip-layers``: the measurements
   one after the other, the metadata of the first part with ``command`` replaced by
   ``--command`` if given.
+* ``python -m backpack_tn.bench.merge --update OUT.json BASE.json NEWER.json …`` —
+  some operations re-run later (``--ops``) on the same layers: every (layer,
+  operation) the newer files measured replaces the base's measurements of it, in
+  place; the rest of the base stays. ``--command`` (required) records what was run.
 """
 
 from __future__ import annotations
@@ -80,6 +84,45 @@ def concat(paths: Sequence[str], command: Optional[str] = None) -> dict:
     return {"meta": meta, "results": results}
 
 
+def update(paths: Sequence[str], command: str) -> dict:
+    """Replace a base run's measurements of the (layer, operation)s re-run later.
+
+    Args:
+        paths: The base JSON file, then the newer ones (applied in order).
+        command: The command lines to record (base and re-runs).
+
+    Returns:
+        The base result set with the re-measured operations replaced.
+
+    Raises:
+        ValueError: If the runs ran with different settings, or a newer file
+            measured a layer or operation the base does not have.
+    """
+    base, *newer = [_load(path) for path in paths]
+    _check_meta([base, *newer])
+    results = base["results"]
+    for run in newer:
+        groups: dict = {}
+        for r in run["results"]:
+            groups.setdefault(
+                (r["layer"], r["description"], r["operation"]), []
+            ).append(r)
+        for group, rows in groups.items():
+            where = [
+                i
+                for i, r in enumerate(results)
+                if (r["layer"], r["description"], r["operation"]) == group
+            ]
+            if not where:
+                raise ValueError(f"the base has no measurement of {group}")
+            keep = [r for i, r in enumerate(results) if i not in where]
+            results = keep[: where[0]] + rows + keep[where[0] :]
+    meta = dict(base["meta"])
+    meta["command"] = command
+    meta["merge"] = "operations re-run later replace the base's"
+    return {"meta": meta, "results": results}
+
+
 def _key(result: dict) -> tuple:
     return tuple(result.get(k) for k in _KEY)
 
@@ -123,12 +166,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument(
         "--concat", action="store_true", help="the inputs are parts of one run"
     )
-    parser.add_argument("--command", help="command line to record (with --concat)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="the first input is a base run, the others re-ran some of its operations",
+    )
+    parser.add_argument(
+        "--command", help="command line to record (with --concat or --update)"
+    )
     parser.add_argument("--markdown", help="also write the table and summary here")
     args = parser.parse_args(argv)
-    if args.command is not None and not args.concat:
-        parser.error("--command only applies with --concat")
-    merged = concat(args.runs, args.command) if args.concat else merge(args.runs)
+    if args.concat and args.update:
+        parser.error("--concat and --update exclude each other")
+    if args.command is not None and not (args.concat or args.update):
+        parser.error("--command only applies with --concat or --update")
+    if args.update:
+        if args.command is None or len(args.runs) < 2:
+            parser.error("--update needs a base, at least one newer run and --command")
+        merged = update(args.runs, args.command)
+    elif args.concat:
+        merged = concat(args.runs, args.command)
+    else:
+        merged = merge(args.runs)
     with open(args.out, "w") as f:
         json.dump(merged, f, indent=1)
     if args.markdown:
