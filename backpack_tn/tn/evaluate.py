@@ -417,13 +417,22 @@ def _gram(tensor: Tensor, form: Tuple[Tuple[int, ...], int, int]) -> Tensor:
     return symmetric_gram(matrix).reshape(*batch, *rows, *rows)
 
 
+def _squared_dims(net: TensorNetwork) -> Tuple[int, ...]:
+    """Positions of the squared-and-summed axes in the contraction result."""
+    out = net.kept(net.output)
+    return tuple(out.index(a) for a in net.square_sum if a in out)
+
+
+def _square(result: Tensor, operands: list) -> Tensor:
+    """``result²``, in place where the contraction result is fresh memory."""
+    # it is fresh unless it aliases an operand
+    fresh = all(result.data_ptr() != t.data_ptr() for t in operands)
+    return result.mul_(result) if fresh else result * result
+
+
 def _square_sum(net: TensorNetwork, result: Tensor, operands: list) -> Tensor:
     """The epilogue of a squared network: square, then sum the squared axes."""
-    out = net.kept(net.output)
-    dims = tuple(out.index(a) for a in net.square_sum if a in out)
-    # The contraction result is fresh memory unless it aliases an operand.
-    fresh = all(result.data_ptr() != t.data_ptr() for t in operands)
-    return (result.pow_(2) if fresh else result.pow(2)).sum(dims)
+    return _square(result, operands).sum(_squared_dims(net))
 
 
 # --- executors -----------------------------------------------------------------------
@@ -487,12 +496,10 @@ def _run_per_class(net: TensorNetwork, tensors: Mapping[str, Tensor]) -> Tensor:
         operands[index] = factor.narrow(position, v, 1)
         part = _contract(net, operands, epilogue=False)  # class axis of size 1
         if squares is None:
-            fresh = all(part.data_ptr() != t.data_ptr() for t in operands)
-            squares = part.mul_(part) if fresh else part * part
+            squares = _square(part, operands)
         else:
             squares.addcmul_(part, part)
-    out = net.kept(net.output)
-    return squares.sum(tuple(out.index(a) for a in net.square_sum if a in out))
+    return squares.sum(_squared_dims(net))
 
 
 #: Executors by name: ``(network, tensors) -> result with network.result_axes``.

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from backpack_tn.tn.geometry import ConvGeometry, DimGeometry
+from backpack_tn.tn.views import gather_rows
 
 
 def supports_shift_gram(geometry: ConvGeometry) -> bool:
@@ -157,8 +158,7 @@ def polyphase_gram(x: Tensor, geometry: ConvGeometry) -> Tensor:
     stride_one = ConvGeometry(tuple(p for p, _ in plans), geometry.groups)
     gram = shift_gram(phases, stride_one)
     rows = _phase_rows(geometry, x.shape[2])
-    index = torch.tensor(rows, device=x.device)
-    return gram[:, index][:, :, index]
+    return gather_rows(gather_rows(gram, 1, rows), 2, rows)
 
 
 @lru_cache(maxsize=1024)
