@@ -256,6 +256,11 @@ def test_calibration_regret_follows_the_choice_rule():
     # not within 1.5x or 10 FLOPs of the cheapest: only candidate 1 is measured
     assert regret(rows, 0.0, 0.0, threshold=0.0, prune=1.5, slack=10.0) == [2.0]
     assert regret(rows, 0.0, 0.0, threshold=0.0, prune=1.5, slack=50.0) == [1.0]
+    # with memory estimates: a leaner candidate within 10 % of the fastest is kept
+    lean = [dict(rows[0], times=[1.0, 1.05], memory=[100, 10])]
+    assert regret(lean, 0.0, 0.0, threshold=0.0, prune=2.0, slack=0.0) == [1.05]
+    fat = [dict(rows[0], times=[1.0, 1.05], memory=[10, 100])]
+    assert regret(fat, 0.0, 0.0, threshold=0.0, prune=2.0, slack=0.0) == [1.0]
 
 
 def test_calibrate_command_times_the_candidates_of_a_zoo_layer(tmp_path, capsys):
@@ -268,6 +273,8 @@ def test_calibrate_command_times_the_candidates_of_a_zoo_layer(tmp_path, capsys)
     assert {r["operation"] for r in rows} >= {"diag_ggn", "per_sample_grad"}
     for row in rows:
         assert len(row["candidates"]) == len(row["times"]) == len(row["terms"]) >= 2
+        assert len(row["memory"]) == len(row["times"])
+        assert all(m > 0 for m in row["memory"])
         assert all(t > 0 for t in row["times"])
     diag = next(r for r in rows if r["operation"] == "diag_ggn")
     assert any(name.startswith("per_class/") for name in diag["candidates"])

@@ -12,7 +12,9 @@ the fastest candidate, for the current constants and a grid of alternatives::
     python -m backpack_tn.bench.calibrate --analyse deepobs.json b.json
 
 The regret of a choice is its time over the fastest candidate's. Autotuning is
-assumed to find the fastest plausible candidate (it measures them on the real inputs).
+assumed to measure the plausible candidates as they were measured here and to keep the
+fastest, or the leaner of about equally fast ones (``evaluate.prefer_memory``; rows
+recorded with memory estimates only).
 Candidates are timed as autotuning times them (the generic executor, batch chunks as
 the memory budget asks, results made contiguous), not as the prepared call that runs
 afterwards; the choice between the engine's TN and torch's kernels or BackPACK's
@@ -138,6 +140,7 @@ def record(
                         ],
                         terms=_cost_terms(formulations, shapes, dtype, device),
                         times=[times[str(i)] for i in range(len(options))],
+                        memory=[c.memory for c in options],
                     )
                 )
         del problem
@@ -159,7 +162,12 @@ def regret(
         pick = min(range(len(cost)), key=cost.__getitem__)
         if cost[pick] >= threshold:
             measured = _ev.plausible(cost, prune, slack)
-            pick = min(measured, key=lambda i: row["times"][i])
+            times = [row["times"][i] for i in measured]
+            if "memory" in row:  # the leaner of about equally fast candidates
+                memory = [row["memory"][i] for i in measured]
+                pick = measured[_ev.prefer_memory(times, memory)]
+            else:  # recorded before memory estimates: the fastest
+                pick = measured[min(range(len(times)), key=times.__getitem__)]
         out.append(row["times"][pick] / min(row["times"]))
     return out
 

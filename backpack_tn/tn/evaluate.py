@@ -227,6 +227,7 @@ class ContractionPlan:
     expression: Callable
     flops: float
     largest_intermediate: int  # elements
+    peak_elements: int = 0  # intermediates alive at once, see _peak_elements
 
 
 _PLANS: LRUCache[ContractionPlan] = LRUCache("contractions", maxsize=1024)
@@ -255,6 +256,32 @@ def _pairwise(contraction_list) -> Callable:
     return run
 
 
+def _peak_elements(equation: str, shapes: Sequence[Shape], contraction_list) -> int:
+    """Estimated elements of the intermediates alive at once while a plan runs.
+
+    Each step holds the intermediates still alive (its own inputs included) and its
+    result. An intermediate a step consumes is counted twice: its index order is
+    ``opt_einsum``'s, rarely the batched-GEMM layout, so ``torch.einsum`` copies it
+    (All-CNN-style per-sample gradients by index patterns: 38 MiB of intermediates,
+    70 MiB measured peak). The operands passed in (inputs, unfolded windows) are laid
+    out for the GEMM by the networks and not counted here.
+    """
+    inputs, output = equation.split("->")
+    size = {}
+    for term, shape in zip(inputs.split(","), shapes):
+        size.update(zip(term, shape))
+    alive = [None] * len(shapes)  # elements of intermediates, None for inputs
+    peak = 0
+    for inds, _, step, *_ in contraction_list:
+        picked = [alive.pop(i) for i in inds]
+        held = sum(a for a in alive if a is not None)
+        consumed = sum(a for a in picked if a is not None)
+        result = math.prod(size[c] for c in step.split("->")[1])
+        peak = max(peak, held + 2 * consumed + result)
+        alive.append(result)
+    return peak
+
+
 def _plan(equation: str, shapes: Sequence[Shape], dtype, device) -> ContractionPlan:
     def create() -> ContractionPlan:
         start = time.perf_counter()
@@ -272,6 +299,7 @@ def _plan(equation: str, shapes: Sequence[Shape], dtype, device) -> ContractionP
             _pairwise(expression.contraction_list),
             float(info.opt_cost),
             int(info.largest_intermediate),
+            _peak_elements(equation, shapes, expression.contraction_list),
         )
 
     return _PLANS.get_or_create((equation, tuple(shapes), dtype, device), create)
@@ -512,13 +540,14 @@ EXECUTORS: Dict[str, Callable[[TensorNetwork, Mapping[str, Tensor]], Tensor]] = 
 
 @dataclass(frozen=True)
 class Candidate:
-    """A formulation, how to execute it, and its estimated cost."""
+    """A formulation, how to execute it, and its estimated cost and memory."""
 
     network: TensorNetwork
     executor: str
     cost: float
     largest_intermediate: int
     shapes: Tuple[Shape, ...] = ()  # operand shapes (patterns included)
+    memory: int = 0  # estimated elements of temporaries alive at once, result included
 
     @property
     def strategy(self) -> str:
@@ -538,7 +567,10 @@ def candidates(
 
     The estimate is ``opt_einsum``'s FLOP count plus :data:`COPY_COST` per element
     copied (unfolded inputs, per-tap slices), one per element of a squared epilogue
-    and :data:`CALL_COST` per torch call (which decides tiny problems).
+    and :data:`CALL_COST` per torch call (which decides tiny problems). The memory
+    estimate counts the operands a candidate builds (unfolded inputs, the copy of
+    ``S``, per-tap slices), the intermediates alive at once and the result; it breaks
+    ties between candidates that measure about as fast (:data:`MEMORY_TIE`).
 
     Args:
         formulations: Equivalent networks.
@@ -583,8 +615,9 @@ def candidates(
         s_copy = math.prod(op_shapes[classes[0]]) if classes else 0
         cost = base + COPY_COST * (copied + s_copy) + CALL_COST * calls
         op_shapes = tuple(op_shapes)
+        memory = copied + s_copy + plan.peak_elements
         result.append(
-            Candidate(net, "einsum", cost, plan.largest_intermediate, op_shapes)
+            Candidate(net, "einsum", cost, plan.largest_intermediate, op_shapes, memory)
         )
         if supports_taps(net):
             # every tap reads a strided slice of the input and the output-side
@@ -596,8 +629,16 @@ def candidates(
                 and any(a.startswith("o") for a in op.axes)
             )
             cost = base + COPY_COST * (copied + taps * others) + CALL_COST * 4 * taps
+            # the accumulated result, one tap's part and slices (an input slice is
+            # a tap's share of the unfolded input)
+            full = _result_elements(net, shapes, net.result_axes)
+            kernel_in_result = any(a.startswith("k") for a in net.result_axes)
+            part = full // taps if kernel_in_result else full
+            memory = full + part + copied // max(taps, 1) + others
             result.append(
-                Candidate(net, "taps", cost, plan.largest_intermediate, op_shapes)
+                Candidate(
+                    net, "taps", cost, plan.largest_intermediate, op_shapes, memory
+                )
             )
         if classes is not None and op_shapes[classes[0]][classes[1]] > 1:
             # V contractions of one class each: the same products without copying S
@@ -614,15 +655,31 @@ def candidates(
                 + COPY_COST * copied
                 + CALL_COST * calls
             )
+            # one class's intermediates and result, and the accumulated squares
+            one_class = _result_elements(net, shapes, net.kept(net.output)) // count
+            memory = copied + per_class.peak_elements + one_class
             result.append(
                 Candidate(
-                    net, "per_class", cost, per_class.largest_intermediate, op_shapes
+                    net,
+                    "per_class",
+                    cost,
+                    per_class.largest_intermediate,
+                    op_shapes,
+                    memory,
                 )
             )
     forced = _SETTINGS["forced"]
     if forced is not None:
         result = [c for c in result if c.strategy == forced] or result
     return result
+
+
+def _result_elements(
+    net: TensorNetwork, shapes: Mapping[str, Shape], axes: Sequence[str]
+) -> int:
+    """Elements of a tensor with these axes of the network."""
+    sizes = _axis_sizes(net, shapes)
+    return math.prod(sizes[a] for a in axes)
 
 
 def _window_cost(
@@ -704,18 +761,53 @@ _MIN_MEASURE_SECONDS = 0.02
 _MIN_ROUNDS = 2
 _MAX_ROUNDS = 10
 
+#: Candidates measured within this fraction of the fastest count as equally fast
+#: (the spread of repeated measurements here) ...
+MEMORY_TIE = 0.1
+#: ... and among them the one with the least estimated memory runs, if it needs at
+#: most this fraction of the fastest one's. Index-pattern and window contractions of
+#: per-sample gradients often measure within a few per cent of each other while one
+#: holds 1.5x the other's temporaries (AlexNet 5x5 64->192 at 27^2, batch 8:
+#: 70 vs 45 MiB, the unfold baseline 45 MiB); picking by time alone made the peak
+#: memory a coin toss.
+MEMORY_SAVING = 0.75
+
+
+def prefer_memory(
+    times: Sequence[float],
+    memory: Sequence[float],
+    tie: Optional[float] = None,
+    saving: Optional[float] = None,
+) -> int:
+    """Index of the candidate to keep, given measured times and memory estimates.
+
+    The fastest, unless a candidate within ``tie`` of its time needs at most
+    ``saving`` times its memory: then the one needing least memory among those
+    (defaults :data:`MEMORY_TIE`, :data:`MEMORY_SAVING`).
+    """
+    tie = MEMORY_TIE if tie is None else tie
+    saving = MEMORY_SAVING if saving is None else saving
+    fastest = min(range(len(times)), key=lambda i: times[i])
+    tied = [i for i in range(len(times)) if times[i] <= (1 + tie) * times[fastest]]
+    leanest = min(tied, key=lambda i: (memory[i], times[i]))
+    return leanest if memory[leanest] <= saving * memory[fastest] else fastest
+
 
 def _time_interleaved(
-    runs: Sequence[Callable[[], Tensor]], device: torch.device
+    runs: Sequence[Callable[[], Tensor]],
+    device: torch.device,
+    memory: Optional[Sequence[float]] = None,
 ) -> Tuple[Tensor, int]:
-    """Time equivalent runs in interleaved rounds; return the fastest's result, index.
+    """Time equivalent runs in interleaved rounds; return the chosen result and index.
 
     Each round runs every candidate twice and times the second run (the first pays
     one-time costs: fresh allocations, cold caches). Planning time (first use of an
-    einsum expression) is discounted. At most two results are alive at once: the
-    fastest run's so far and the one being timed.
+    einsum expression) is discounted. The fastest run is chosen, or with ``memory``
+    estimates the leaner of about equally fast ones (:func:`prefer_memory`). At most
+    two results are alive at once: the fastest run's so far and the one being timed.
     """
     spent = [0.0] * len(runs)
+    best = [math.inf] * len(runs)
     winner, winner_time, winner_result = 0, math.inf, None
     for rounds in range(_MAX_ROUNDS):
         timed = [
@@ -735,9 +827,15 @@ def _time_interleaved(
                 torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - start - (_PLANNING_SECONDS[0] - planning)
             spent[i] += elapsed
+            best[i] = min(best[i], elapsed)
             if elapsed < winner_time:
                 winner, winner_time, winner_result = i, elapsed, result
             del result
+    if memory is not None:
+        chosen = prefer_memory(best, memory)
+        if chosen != winner:  # one more run, on the first call for this problem only
+            del winner_result
+            return runs[chosen](), chosen
     return winner_result, winner
 
 
@@ -761,7 +859,7 @@ def _autotune(
         return _execute(candidate, tensors, chunks).contiguous()
 
     runs = [functools.partial(run, c, _chunks(c, shapes, dtype)) for c in options]
-    return _time_interleaved(runs, device)
+    return _time_interleaved(runs, device, [c.memory for c in options])
 
 
 def _prepared_einsum(
