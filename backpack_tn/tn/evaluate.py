@@ -629,12 +629,15 @@ def candidates(
                 and any(a.startswith("o") for a in op.axes)
             )
             cost = base + COPY_COST * (copied + taps * others) + CALL_COST * 4 * taps
-            # the accumulated result, one tap's part and slices (an input slice is
-            # a tap's share of the unfolded input)
+            # the accumulated result, one tap's part (before a square-sum epilogue)
+            # and its operand slices: an input slice is a tap's share of the
+            # unfolded input; the output-side slices are copied, and permuted into
+            # GEMM layout when they carry a class axis (profiled: two copies each)
             full = _result_elements(net, shapes, net.result_axes)
-            kernel_in_result = any(a.startswith("k") for a in net.result_axes)
-            part = full // taps if kernel_in_result else full
-            memory = full + part + copied // max(taps, 1) + others
+            part = _result_elements(net, shapes, net.kept(net.output))
+            if any(a.startswith("k") for a in net.kept(net.output)):
+                part //= taps
+            memory = full + part + copied // max(taps, 1) + 2 * others
             result.append(
                 Candidate(
                     net, "taps", cost, plan.largest_intermediate, op_shapes, memory
