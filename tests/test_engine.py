@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
@@ -544,9 +545,10 @@ def test_torch_kernel_measured_against_the_tn(op, monkeypatch):
     }[op]
     seen = []
 
-    def each(key, runs, device):
+    def each(key, runs, device, keep_first_on_ties=False):
         results = [r() for r in runs]
         seen.append((key[0], len(results)))
+        assert keep_first_on_ties  # the kernel stays unless the TN is clearly faster
         close(results[1], results[0])  # the TN equals torch's kernel
         return results[1]
 
@@ -725,7 +727,8 @@ def test_tied_runs_keep_the_leaner_one(lean_seconds, expected):
         return timed
 
     runs = [run("fat", 0.05), run("lean", lean_seconds)]
-    result, index = engine._time_interleaved(runs, torch.device("cpu"), [100, 40])
+    choose = functools.partial(engine.prefer_memory, memory=[100, 40])
+    result, index = engine._time_interleaved(runs, torch.device("cpu"), choose)
     assert ["fat", "lean"][index] == expected
     # the result comes from a run of the chosen one
     assert calls[int(result) - 1] == expected
@@ -794,3 +797,39 @@ def test_memory_estimates_match_measured_peaks(layer, op, monkeypatch):
         assert 0.5 <= measured[strategy] / estimate <= 1.5, (strategy, measured)
     assert estimates["pattern"] > 1.25 * estimates["window"]
     assert measured["pattern"] > 1.25 * measured["window"]
+
+
+@pytest.mark.parametrize(
+    "times, expected",
+    [([1.0, 0.95], 0), ([1.0, 0.85], 1), ([1.0, 1.5], 0), ([1.2, 1.1, 1.0], 2)],
+    ids=["tie", "clearly-faster", "first-fastest", "third"],
+)
+def test_keep_first_rule(times, expected):
+    from backpack_tn.tn.evaluate import keep_first
+
+    assert keep_first(times, tie=0.1) == expected
+
+
+@pytest.mark.parametrize("tn_seconds, expected", [(0.048, "kernel"), (0.03, "tn")])
+def test_torch_kernel_kept_unless_the_tn_is_clearly_faster(tn_seconds, expected):
+    """Kernel vs TN: a TN only a few per cent faster does not replace the kernel."""
+    from backpack_tn.tn.evaluate import fastest
+
+    calls = []
+
+    def run(name: str, seconds: float):
+        def timed():
+            calls.append(name)
+            time.sleep(seconds)
+            return torch.tensor(float(len(calls)))
+
+        return timed
+
+    clear_caches()
+    runs = [run("kernel", 0.05), run("tn", tn_seconds)]
+    key = ("keep-first-test", tn_seconds)
+    result = fastest(key, runs, torch.device("cpu"), keep_first_on_ties=True)
+    assert calls[int(result) - 1] == expected
+    calls.clear()
+    fastest(key, runs, torch.device("cpu"), keep_first_on_ties=True)
+    assert calls == [expected]

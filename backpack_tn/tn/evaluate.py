@@ -799,15 +799,15 @@ def prefer_memory(
 def _time_interleaved(
     runs: Sequence[Callable[[], Tensor]],
     device: torch.device,
-    memory: Optional[Sequence[float]] = None,
+    choose: Optional[Callable[[Sequence[float]], int]] = None,
 ) -> Tuple[Tensor, int]:
     """Time equivalent runs in interleaved rounds; return the chosen result and index.
 
     Each round runs every candidate twice and times the second run (the first pays
     one-time costs: fresh allocations, cold caches). Planning time (first use of an
-    einsum expression) is discounted. The fastest run is chosen, or with ``memory``
-    estimates the leaner of about equally fast ones (:func:`prefer_memory`). At most
-    two results are alive at once: the fastest run's so far and the one being timed.
+    einsum expression) is discounted. The fastest run is chosen, or the one ``choose``
+    picks given each run's fastest time (e.g. :func:`prefer_memory`). At most two
+    results are alive at once: the fastest run's so far and the one being timed.
     """
     spent = [0.0] * len(runs)
     best = [math.inf] * len(runs)
@@ -834,8 +834,8 @@ def _time_interleaved(
             if elapsed < winner_time:
                 winner, winner_time, winner_result = i, elapsed, result
             del result
-    if memory is not None:
-        chosen = prefer_memory(best, memory)
+    if choose is not None:
+        chosen = choose(best)
         if chosen != winner:  # one more run, on the first call for this problem only
             del winner_result
             return runs[chosen](), chosen
@@ -862,7 +862,8 @@ def _autotune(
         return _execute(candidate, tensors, chunks).contiguous()
 
     runs = [functools.partial(run, c, _chunks(c, shapes, dtype)) for c in options]
-    return _time_interleaved(runs, device, [c.memory for c in options])
+    memory = [c.memory for c in options]
+    return _time_interleaved(runs, device, lambda times: prefer_memory(times, memory))
 
 
 def _prepared_einsum(
@@ -937,20 +938,34 @@ _FASTEST: LRUCache[int] = LRUCache("kernel-choice", maxsize=1024)
 _PREPARED: LRUCache[Callable] = LRUCache("prepared", maxsize=1024)
 
 
+def keep_first(times: Sequence[float], tie: Optional[float] = None) -> int:
+    """0 unless another run measured more than ``tie`` faster (:data:`MEMORY_TIE`)."""
+    tie = MEMORY_TIE if tie is None else tie
+    fastest = min(range(len(times)), key=lambda i: times[i])
+    return 0 if times[0] <= (1 + tie) * times[fastest] else fastest
+
+
 def fastest(
-    key: tuple, runs: Sequence[Callable[[], Tensor]], device: torch.device
+    key: tuple,
+    runs: Sequence[Callable[[], Tensor]],
+    device: torch.device,
+    keep_first_on_ties: bool = False,
 ) -> Tensor:
     """Run the fastest of equivalent computations, measured once per ``key``.
 
     For choices outside one tensor network (e.g. a TN vs a torch kernel): on the
     first call for ``key`` the runs are timed in interleaved rounds (see
-    :func:`_time_interleaved`) and the winner is cached; afterwards only the winner
-    runs. Without autotuning (or with a forced strategy) the first run is used.
+    :func:`_time_interleaved`) and the choice is cached; afterwards only the chosen
+    run runs. Without autotuning (or with a forced strategy) the first run is used.
 
     Args:
         key: Identifies the problem (shapes, hyper-parameters, dtype, device).
         runs: Zero-argument functions computing the same result, preferred first.
         device: Device of the computation (CUDA is synchronised for timing).
+        keep_first_on_ties: Keep the first run unless another measured more than
+            :data:`MEMORY_TIE` faster (:func:`keep_first`): for torch's kernels,
+            which need what the stock computation needs, against a TN that may
+            hold more temporaries.
 
     Returns:
         The result of the chosen run.
@@ -960,7 +975,9 @@ def fastest(
     index = _FASTEST.get(key)
     if index is not None:
         return runs[index]()
-    result, index = _time_interleaved(runs, device)
+    result, index = _time_interleaved(
+        runs, device, keep_first if keep_first_on_ties else None
+    )
     _FASTEST.put(key, index)
     return result
 
