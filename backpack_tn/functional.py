@@ -237,10 +237,11 @@ def _kernel_or_tn(
     Torch's (oneDNN/cuDNN) kernels win on most layers but not all: on a CPU the TN
     (a GEMM after a reshape) beats them on non-overlapping patchify stems and on
     some depthwise and wide layers at small maps. The TN must measure more than
-    ``MEMORY_TIE`` (10 %) faster to replace the kernel. Where torch's kernel does not
-    apply (``native`` is ``None``) the TN runs; problems under the autotuning
-    threshold (:func:`backpack_tn.tn.evaluate.set_autotune`) are not measured: the
-    kernel runs. ``kernel`` gets the kernel arguments ``native``.
+    :data:`backpack_tn.tn.evaluate.TIME_TIE` (10 %) faster to replace the kernel.
+    Where torch's kernel does not apply (``native`` is ``None``) the TN runs;
+    problems under the autotuning threshold
+    (:func:`backpack_tn.tn.evaluate.set_autotune`) are not measured: the kernel runs.
+    ``kernel`` gets the kernel arguments ``native``.
     """
     if native is None:
         return tn()

@@ -256,11 +256,15 @@ def test_calibration_regret_follows_the_choice_rule():
     # not within 1.5x or 10 FLOPs of the cheapest: only candidate 1 is measured
     assert regret(rows, 0.0, 0.0, threshold=0.0, prune=1.5, slack=10.0) == [2.0]
     assert regret(rows, 0.0, 0.0, threshold=0.0, prune=1.5, slack=50.0) == [1.0]
-    # with memory estimates: a leaner candidate within 10 % of the fastest is kept
+    # with the memory rule: a leaner candidate within 10 % of the fastest is kept
     lean = [dict(rows[0], times=[1.0, 1.05], memory=[100, 10])]
-    assert regret(lean, 0.0, 0.0, threshold=0.0, prune=2.0, slack=0.0) == [1.05]
+    args = dict(threshold=0.0, prune=2.0, slack=0.0)
+    assert regret(lean, 0.0, 0.0, **args) == [1.0]  # the cost model's regret
+    assert regret(lean, 0.0, 0.0, **args, memory_rule=True) == [1.05]
     fat = [dict(rows[0], times=[1.0, 1.05], memory=[10, 100])]
-    assert regret(fat, 0.0, 0.0, threshold=0.0, prune=2.0, slack=0.0) == [1.0]
+    assert regret(fat, 0.0, 0.0, **args, memory_rule=True) == [1.0]
+    # only candidate 1 measured (indices map back): the leaner candidate 0 is not
+    assert regret(lean, 0.0, 0.0, 0.0, 1.5, 10.0, memory_rule=True) == [1.05]
 
 
 def test_calibrate_command_times_the_candidates_of_a_zoo_layer(tmp_path, capsys):

@@ -17,8 +17,9 @@ Every candidate is planned with ``opt_einsum`` for the concrete shapes (plans ca
 equation, shapes, dtype and device). Small problems take the candidate with the lowest
 estimated cost (FLOPs plus copies). For larger ones the first call *measures* the
 candidates on the real inputs (interleaved rounds) and caches the fastest per
-(operation, shapes, dtype, device) — the result of that call is the fastest
-candidate's own result, so nothing is computed in vain but the slower candidates.
+(operation, shapes, dtype, device), or the leaner of about equally fast ones (memory
+estimates) — the result of that call is a measured run's own result (one more run
+where memory decided), so little is computed in vain.
 :func:`set_autotune` turns this off. If the chosen plan's largest intermediate exceeds
 the memory budget (:func:`set_memory_budget`), the batch is processed in chunks.
 Finally the choice is kept as a *prepared call* per shapes and settings: later calls
@@ -256,7 +257,9 @@ def _pairwise(contraction_list) -> Callable:
     return run
 
 
-def _peak_elements(equation: str, shapes: Sequence[Shape], contraction_list) -> int:
+def _peak_elements(
+    equation: str, shapes: Sequence[Shape], contraction_list: Sequence[tuple]
+) -> int:
     """Estimated elements of the intermediates alive at once while a plan runs.
 
     Each step holds the intermediates still alive (its own inputs included) and its
@@ -267,8 +270,8 @@ def _peak_elements(equation: str, shapes: Sequence[Shape], contraction_list) -> 
     (inputs, unfolded windows) are laid out for the GEMM by the networks and not
     counted here.
     """
-    inputs, output = equation.split("->")
-    size = {}
+    inputs = equation.split("->")[0]
+    size: Dict[str, int] = {}
     for term, shape in zip(inputs.split(","), shapes):
         size.update(zip(term, shape))
     alive = [None] * len(shapes)  # elements of intermediates, None for inputs
@@ -571,7 +574,7 @@ def candidates(
     and :data:`CALL_COST` per torch call (which decides tiny problems). The memory
     estimate counts the operands a candidate builds (unfolded inputs, the copy of
     ``S``, per-tap slices), the intermediates alive at once and the result; it breaks
-    ties between candidates that measure about as fast (:data:`MEMORY_TIE`).
+    ties between candidates that measure about as fast (:data:`TIME_TIE`).
 
     Args:
         formulations: Equivalent networks.
@@ -632,13 +635,14 @@ def candidates(
             cost = base + COPY_COST * (copied + taps * others) + CALL_COST * 4 * taps
             # the accumulated result, one tap's part (before a square-sum epilogue)
             # and its operand slices: an input slice is a tap's share of the
-            # unfolded input; the output-side slices are copied, and permuted into
-            # GEMM layout when they carry a class axis (profiled: two copies each)
+            # unfolded input; an output-side slice is copied, then permuted into
+            # GEMM layout (profiled on a GGN diagonal: two copies each; counted
+            # twice for every output-side operand, an upper bound elsewhere)
             full = _result_elements(net, shapes, net.result_axes)
             part = _result_elements(net, shapes, net.kept(net.output))
             if any(a.startswith("k") for a in net.kept(net.output)):
                 part //= taps
-            memory = full + part + copied // max(taps, 1) + 2 * others
+            memory = full + part + copied // taps + 2 * others
             result.append(
                 Candidate(
                     net, "taps", cost, plan.largest_intermediate, op_shapes, memory
@@ -659,9 +663,12 @@ def candidates(
                 + COPY_COST * copied
                 + CALL_COST * calls
             )
-            # one class's intermediates and result, and the accumulated squares
+            # one class's intermediates and result, the accumulated squares and
+            # the final sum over the other squared axes (as large as the squares
+            # for per-sample results; profiled)
             one_class = _result_elements(net, shapes, net.kept(net.output)) // count
-            memory = copied + per_class.peak_elements + one_class
+            final = _result_elements(net, shapes, net.result_axes)
+            memory = copied + per_class.peak_elements + one_class + final
             result.append(
                 Candidate(
                     net,
@@ -765,9 +772,9 @@ _MIN_MEASURE_SECONDS = 0.02
 _MIN_ROUNDS = 2
 _MAX_ROUNDS = 10
 
-#: Candidates measured within this fraction of the fastest count as equally fast
-#: (the spread of repeated measurements here) ...
-MEMORY_TIE = 0.1
+#: Runs measured within this fraction of the fastest count as equally fast (the
+#: spread of repeated measurements here) ...
+TIME_TIE = 0.1
 #: ... and among them the one with the least estimated memory runs, if it needs at
 #: most this fraction of the fastest one's. Index-pattern and window contractions of
 #: per-sample gradients often measure within a few per cent of each other while one
@@ -775,6 +782,13 @@ MEMORY_TIE = 0.1
 #: 70 vs 45 MiB, the unfold baseline 45 MiB); picking by time alone made the peak
 #: memory a coin toss.
 MEMORY_SAVING = 0.75
+
+
+def _tied(times: Sequence[float], tie: float) -> Tuple[int, List[int]]:
+    """The fastest run and all runs within ``tie`` of its time (it included)."""
+    best = min(range(len(times)), key=lambda i: times[i])
+    bound = times[best] + tie * abs(times[best])
+    return best, [i for i in range(len(times)) if i == best or times[i] <= bound]
 
 
 def prefer_memory(
@@ -785,16 +799,22 @@ def prefer_memory(
 ) -> int:
     """Index of the candidate to keep, given measured times and memory estimates.
 
-    The fastest, unless a candidate within ``tie`` of its time needs at most
-    ``saving`` times its memory: then the one needing least memory among those
-    (defaults :data:`MEMORY_TIE`, :data:`MEMORY_SAVING`).
+    Args:
+        times: Each candidate's measured time.
+        memory: Each candidate's estimated memory (any unit).
+        tie: Times within this fraction of the fastest count as equal
+            (default :data:`TIME_TIE`).
+        saving: A tied candidate replaces the fastest only if it needs at most this
+            fraction of its memory (default :data:`MEMORY_SAVING`).
+
+    Returns:
+        The fastest candidate, or the leanest tied one if it saves enough memory.
     """
-    tie = MEMORY_TIE if tie is None else tie
+    tie = TIME_TIE if tie is None else tie
     saving = MEMORY_SAVING if saving is None else saving
-    fastest = min(range(len(times)), key=lambda i: times[i])
-    tied = [i for i in range(len(times)) if times[i] <= (1 + tie) * times[fastest]]
+    best, tied = _tied(times, tie)
     leanest = min(tied, key=lambda i: (memory[i], times[i]))
-    return leanest if memory[leanest] <= saving * memory[fastest] else fastest
+    return leanest if memory[leanest] <= saving * memory[best] else best
 
 
 def _time_interleaved(
@@ -849,7 +869,10 @@ def _autotune(
     shapes: Mapping[str, Shape],
     device: torch.device,
 ) -> Tuple[Tensor, int]:
-    """Time every candidate; return the fastest one's result and index.
+    """Time every candidate; return the chosen one's result and index.
+
+    The choice is the fastest, or the leaner of about equally fast ones
+    (:func:`prefer_memory`; the memory estimates account for batch chunking).
 
     Each run includes making its result contiguous: callers reshape results to their
     target shapes, and a strided einsum result pays its copy there (ResNeXt-101's
@@ -862,9 +885,23 @@ def _autotune(
     def run(candidate: Candidate, chunks: int) -> Tensor:
         return _execute(candidate, tensors, chunks).contiguous()
 
-    runs = [functools.partial(run, c, _chunks(c, shapes, dtype)) for c in options]
-    memory = [c.memory for c in options]
+    chunks = [_chunks(c, shapes, dtype) for c in options]
+    runs = [functools.partial(run, c, n) for c, n in zip(options, chunks)]
+    memory = [chunked_memory(c, shapes, n) for c, n in zip(options, chunks)]
     return _time_interleaved(runs, device, lambda times: prefer_memory(times, memory))
+
+
+def chunked_memory(candidate: Candidate, shapes: Mapping[str, Shape], chunks: int):
+    """A candidate's memory estimate when the batch runs in ``chunks`` pieces.
+
+    The temporaries shrink with the chunk; the result is whole (summed into, or
+    concatenated from, the pieces).
+    """
+    if chunks == 1:
+        return candidate.memory
+    net = candidate.network
+    result = _result_elements(net, shapes, net.result_axes)
+    return result + max(candidate.memory - result, 0) / chunks
 
 
 def _prepared_einsum(
@@ -940,10 +977,9 @@ _PREPARED: LRUCache[Callable] = LRUCache("prepared", maxsize=1024)
 
 
 def keep_first(times: Sequence[float], tie: Optional[float] = None) -> int:
-    """0 unless another run measured more than ``tie`` faster (:data:`MEMORY_TIE`)."""
-    tie = MEMORY_TIE if tie is None else tie
-    fastest = min(range(len(times)), key=lambda i: times[i])
-    return 0 if times[0] <= (1 + tie) * times[fastest] else fastest
+    """0 unless another run measured more than ``tie`` faster (:data:`TIME_TIE`)."""
+    best, tied = _tied(times, TIME_TIE if tie is None else tie)
+    return 0 if 0 in tied else best
 
 
 def fastest(
@@ -957,14 +993,15 @@ def fastest(
     For choices outside one tensor network (e.g. a TN vs a torch kernel): on the
     first call for ``key`` the runs are timed in interleaved rounds (see
     :func:`_time_interleaved`) and the choice is cached; afterwards only the chosen
-    run runs. Without autotuning (or with a forced strategy) the first run is used.
+    run runs (with ``keep_first_on_ties``, the first run wins ties). Without
+    autotuning (or with a forced strategy) the first run is used.
 
     Args:
         key: Identifies the problem (shapes, hyper-parameters, dtype, device).
         runs: Zero-argument functions computing the same result, preferred first.
         device: Device of the computation (CUDA is synchronised for timing).
         keep_first_on_ties: Keep the first run unless another measured more than
-            :data:`MEMORY_TIE` faster (:func:`keep_first`): for torch's kernels,
+            :data:`TIME_TIE` faster (:func:`keep_first`): for torch's kernels,
             which need what the stock computation needs, against a TN that may
             hold more temporaries.
 
