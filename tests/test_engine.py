@@ -837,8 +837,9 @@ def test_memory_estimates_match_measured_peaks(layer, op, monkeypatch):
     rank = engine._rank
 
     def spy(*args):
-        ranked.append(rank(*args)[1])
-        return rank(*args)
+        ranking = rank(*args)
+        ranked.append(ranking[1])
+        return ranking
 
     clear_caches()
     monkeypatch.setattr(engine, "_rank", spy)

@@ -602,10 +602,12 @@ def candidates(
         window_calls = sum(n for n, _ in windowed.values())
         epilogue_calls = 2 if net.square_sum else 0  # square, sum
         calls = plan.expression.steps + window_calls + epilogue_calls
-        epilogue = 0.0
-        if net.square_sum:
-            sizes = _axis_sizes(net, shapes)
-            epilogue = float(math.prod(sizes[a] for a in net.kept(net.output)))
+        sizes = _axis_sizes(net, shapes)
+        # elements of the contraction result and of the returned result (after a
+        # square-sum epilogue)
+        contracted = math.prod(sizes[a] for a in net.kept(net.output))
+        final = math.prod(sizes[a] for a in net.result_axes)
+        epilogue = float(contracted) if net.square_sum else 0.0
         base = plan.flops + epilogue
         form = gram_form(net) if _SETTINGS["gram"] else None
         if form is not None:  # evaluated as a symmetric Gram: fewer products
@@ -638,11 +640,10 @@ def candidates(
             # unfolded input; an output-side slice is copied, then permuted into
             # GEMM layout (profiled on a GGN diagonal: two copies each; counted
             # twice for every output-side operand, an upper bound elsewhere)
-            full = _result_elements(net, shapes, net.result_axes)
-            part = _result_elements(net, shapes, net.kept(net.output))
+            part = contracted
             if any(a.startswith("k") for a in net.kept(net.output)):
                 part //= taps
-            memory = full + part + copied // taps + 2 * others
+            memory = final + part + copied // taps + 2 * others
             result.append(
                 Candidate(
                     net, "taps", cost, plan.largest_intermediate, op_shapes, memory
@@ -666,9 +667,7 @@ def candidates(
             # one class's intermediates and result, the accumulated squares and
             # the final sum over the other squared axes (as large as the squares
             # for per-sample results; profiled)
-            one_class = _result_elements(net, shapes, net.kept(net.output)) // count
-            final = _result_elements(net, shapes, net.result_axes)
-            memory = copied + per_class.peak_elements + one_class + final
+            memory = copied + per_class.peak_elements + contracted // count + final
             result.append(
                 Candidate(
                     net,
@@ -683,14 +682,6 @@ def candidates(
     if forced is not None:
         result = [c for c in result if c.strategy == forced] or result
     return result
-
-
-def _result_elements(
-    net: TensorNetwork, shapes: Mapping[str, Shape], axes: Sequence[str]
-) -> int:
-    """Elements of a tensor with these axes of the network."""
-    sizes = _axis_sizes(net, shapes)
-    return math.prod(sizes[a] for a in axes)
 
 
 def _window_cost(
@@ -900,7 +891,8 @@ def chunked_memory(candidate: Candidate, shapes: Mapping[str, Shape], chunks: in
     if chunks == 1:
         return candidate.memory
     net = candidate.network
-    result = _result_elements(net, shapes, net.result_axes)
+    sizes = _axis_sizes(net, shapes)
+    result = math.prod(sizes[a] for a in net.result_axes)
     return result + max(candidate.memory - result, 0) / chunks
 
 
