@@ -21,8 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from backpack_tn.tn.cache import LRUCache
 from backpack_tn.tn.conv import networks
-from backpack_tn.tn.evaluate import evaluate, fastest, get_autotune, native_allowed
+from backpack_tn.tn.evaluate import (
+    evaluate,
+    fastest,
+    fastest_choice,
+    get_autotune,
+    kernel_settings,
+    native_allowed,
+)
 from backpack_tn.tn.geometry import ConvGeometry, IntOrTuple, Padding, make_geometry
 from backpack_tn.tn.shifts import (
     polyphase_gram,
@@ -202,7 +210,7 @@ def _convolution_backward(
     is only read for its shape, so an expanded scalar stands in for it.
     """
     want_input = x is None
-    placeholder = grad_output.new_empty(1).expand(*shape)
+    placeholder = _placeholder(tuple(shape), grad_output.dtype, grad_output.device)
     out = torch.ops.aten.convolution_backward(
         grad_output,
         placeholder if want_input else x,
@@ -219,8 +227,43 @@ def _convolution_backward(
     return out[0] if want_input else out[1]
 
 
+@functools.lru_cache(maxsize=256)
+def _placeholder(shape: Tuple[int, ...], dtype, device) -> Tensor:
+    """A tensor of ``shape`` without memory (one element, expanded), read for its shape.
+
+    Cached: creating it took 2 µs per call, a fifth of a small kernel's launch.
+    """
+    return torch.empty(1, dtype=dtype, device=device).expand(*shape)
+
+
 def _identity(tensor: Tensor) -> Tensor:
     return tensor
+
+
+#: Call signatures (operation, tensor shapes, hyper-parameters, dtype, device,
+#: settings) for which torch's kernel was chosen: the kernel's arguments and the
+#: weight shape.
+#: Validation, the geometry and the kernel-vs-TN decision depend on nothing else, so
+#: a repeated call goes straight to the kernel. Their 10–20 µs of Python were as long
+#: as the kernel itself on a GPU (H100: forward at 0.76× of a bare ``F.conv2d``).
+_KERNEL_CALLS: LRUCache[tuple] = LRUCache("kernel-calls", maxsize=4096)
+
+
+def _lookup(
+    name: str, tensors: Sequence[Optional[Tensor]], *hyper
+) -> Tuple[Optional[tuple], Optional[tuple]]:
+    """The call's key in :data:`_KERNEL_CALLS` and what is stored under it.
+
+    The key is ``None`` where an argument is unhashable (e.g. a list as stride):
+    then the full path runs and nothing is remembered.
+    """
+    first = tensors[0]
+    shapes = tuple(None if t is None else t.shape for t in tensors)
+    key = (name, first.dtype, first.device, *shapes, *hyper, *kernel_settings())
+    try:
+        return key, _KERNEL_CALLS.get(key)
+    except TypeError:
+        return None, None
 
 
 def _kernel_or_tn(
@@ -231,6 +274,7 @@ def _kernel_or_tn(
     geometry: ConvGeometry,
     tensors: Sequence[Optional[Tensor]],
     weight_shape: Sequence[int],
+    signature: Optional[tuple] = None,
 ) -> Tensor:
     """Torch's convolution kernel, or the TN where it measured faster on the problem.
 
@@ -241,7 +285,8 @@ def _kernel_or_tn(
     Where torch's kernel does not apply (``native`` is ``None``) the TN runs;
     problems under the autotuning threshold
     (:func:`backpack_tn.tn.evaluate.set_autotune`) are not measured: the kernel runs.
-    ``kernel`` gets the kernel arguments ``native``.
+    ``kernel`` gets the kernel arguments ``native``. Where the kernel is chosen, it is
+    remembered under the call's ``signature`` (:data:`_KERNEL_CALLS`).
     """
     if native is None:
         return tn()
@@ -252,7 +297,10 @@ def _kernel_or_tn(
         2 * first.shape[0] * math.prod(weight_shape) * math.prod(geometry.output_size)
     )
     if not enabled or flops < threshold:
-        return kernel(native)
+        result = kernel(native)
+        if signature is not None:
+            _KERNEL_CALLS.put(signature, (native, tuple(weight_shape)))
+        return result
     key = (
         name,
         tuple(None if t is None else tuple(t.shape) for t in tensors),
@@ -264,7 +312,10 @@ def _kernel_or_tn(
     # stays, whose memory is the stock computation's (Inception-v3's 3×3 32→32 at
     # 149²: both 33 ms, the TN's window contraction 64 MiB against torch's 43 MiB)
     runs = [functools.partial(kernel, native), tn]
-    return fastest(key, runs, first.device, keep_first_on_ties=True)
+    result = fastest(key, runs, first.device, keep_first_on_ties=True)
+    if signature is not None and fastest_choice(key) == 0:
+        _KERNEL_CALLS.put(signature, (native, tuple(weight_shape)))
+    return result
 
 
 #: Per-sample weight VJPs try BackPACK's grouped-convolution trick up to this many
@@ -309,6 +360,10 @@ def conv(
     Raises:
         ValueError: For inconsistent shapes or invalid hyper-parameters.
     """
+    hyper = (stride, padding, dilation, groups, padding_mode, simplify)
+    signature, known = _lookup("forward", (x, weight, bias), *hyper)
+    if known is not None:
+        return _TORCH_CONV[x.dim() - 2](x, weight, bias, **known[0])
     num_dims = _spatial_dims(x)
     _check_rank(weight, "weight", num_dims + 2, "[C_out, C_in / groups, *K]")
     geometry = _geometry(
@@ -341,6 +396,7 @@ def conv(
         geometry,
         (x, weight, bias),
         weight.shape,
+        signature,
     )
 
 
@@ -410,6 +466,12 @@ def input_vjp(
     Returns:
         Gradient w.r.t. the input, ``[N, C_in, *I]``.
     """
+    hyper = (stride, padding, dilation, groups, padding_mode, simplify)
+    signature, known = _lookup(
+        "input_vjp", (grad_output, weight), tuple(input_shape), *hyper
+    )
+    if known is not None:
+        return _convolution_backward(grad_output, None, weight, known[0], input_shape)
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) < 3:
         raise ValueError(
@@ -440,6 +502,7 @@ def input_vjp(
         geometry,
         (grad_output, weight),
         weight.shape,
+        signature,
     )
 
 
@@ -579,6 +642,13 @@ def weight_vjp(
     Returns:
         ``[C_out, C_in / G, *K]``, or ``[N, C_out, C_in / G, *K]`` if ``per_sample``.
     """
+    signature = None
+    if not per_sample:
+        hyper = (kernel_size, stride, padding, dilation, groups, padding_mode)
+        signature, known = _lookup("weight_vjp", (x, grad_output), *hyper, simplify)
+        if known is not None:
+            native, weight_shape = known
+            return _convolution_backward(grad_output, x, None, native, weight_shape)
     geometry, tensors, weight_shape = _x_and_output(
         x,
         grad_output,
@@ -608,6 +678,7 @@ def weight_vjp(
             geometry,
             (x, grad_output),
             weight_shape,
+            signature,
         )
     return _tn_or_trick(
         "per_sample", tn, _identity, x, grad_output, geometry, native, weight_shape

@@ -913,3 +913,90 @@ def test_chunked_memory_estimate():
         assert engine.chunked_memory(c, shapes, 1) == c.memory
         chunked = engine.chunked_memory(c, shapes, 4)
         assert chunked == pytest.approx(result + (c.memory - result) / 4)
+
+
+def test_repeated_kernel_calls_follow_settings_and_shapes(monkeypatch):
+    """A repeated call goes straight to torch's kernel, per call signature.
+
+    The signature holds the shapes, hyper-parameters, dtype, device and settings: a
+    forced strategy must still run the TN, and a call with other shapes is validated.
+    """
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    w = torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    hyper = dict(stride=2, padding=1, groups=2)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    out = F.conv2d(x, w, b, **hyper)
+    v = torch.randn_like(out)
+    grad_x, grad_w = torch.autograd.grad(out, (x, w), v)
+    x, w, out = x.detach(), w.detach(), out.detach()
+    runs = [
+        (lambda: tnf.conv(x, w, b, **hyper), out),
+        (lambda: tnf.input_vjp(v, w, x.shape, **hyper), grad_x),
+        (lambda: tnf.weight_vjp(x, v, 3, **hyper), grad_w),
+    ]
+    clear_caches()
+    for run, expected in runs:
+        close(run(), expected)
+        close(run(), expected)
+    stats = cache_stats()["kernel-calls"]
+    assert (stats.size, stats.hits) == (3, 3)
+    # a list is unhashable: the full path runs, nothing is stored
+    close(tnf.conv(x, w, b, stride=[2, 2], padding=[1, 1], groups=2), out)
+    assert cache_stats()["kernel-calls"].size == 3
+    # other shapes are a new signature: validated as before
+    with pytest.raises(ValueError, match="spatial size"):
+        tnf.input_vjp(v[..., :-1], w, x.shape, **hyper)
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("torch's kernel ran under a forced strategy")
+
+    monkeypatch.setitem(tnf._TORCH_CONV, 2, no_kernel)
+    monkeypatch.setattr(tnf, "_convolution_backward", no_kernel)
+    with force_strategy("pattern"):
+        for run, expected in runs:
+            close(run(), expected)
+
+
+def test_gpu_cost_model_prefers_few_calls():
+    """On CUDA the cost model counts torch calls as launches (device_costs)."""
+    import importlib
+
+    from backpack_tn.tn import gram, windows
+
+    # the module (``backpack_tn.tn.evaluate`` is also the name of a function)
+    ev = importlib.import_module("backpack_tn.tn.evaluate")
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert ev.device_costs(cuda) == ev.CUDA_COSTS
+    assert ev.device_costs(cpu) == ev.DeviceCosts(
+        ev.COPY_COST, ev.CALL_COST, ev.AUTOTUNE_SLACK
+    )
+    assert ev.CUDA_COSTS.call / ev.CUDA_COSTS.copy > ev.CALL_COST / ev.COPY_COST
+    # a Gram matrix is one GEMM on a GPU, blocks on a CPU
+    assert gram.default_blocks(1024, 4096, cpu) > 1
+    assert gram.default_blocks(1024, 4096, cuda) == 1
+    assert gram.product_fraction(1024, 4096, cuda) == 1.0
+    assert windows.small_window_limit(cuda) > windows.small_window_limit(cpu)
+    # AlexNet's 11×11 stem: the CPU builds its unfolded input tap by tap (121 taps),
+    # a GPU with one F.unfold (and at most one permuted copy)
+    geometry = make_geometry((224, 224), 11, 4, 2, 1, 1, "zeros")
+    shapes = {"x": (8, 1, 3, 224, 224)}
+    calls = []
+    for net in networks("kfac_input", geometry, True, approx="expand"):
+        for op in net.operands:
+            if not op.layout or not ev._direct_windows(
+                net, op, ev._operand_key(net, op)[1]
+            ):
+                continue
+            shape = ev._operand_shape(net, op, shapes)
+            calls.append(
+                tuple(
+                    ev._window_cost(net, op, shapes["x"], shape, device)[0]
+                    for device in (cpu, cuda)
+                )
+            )
+    # F.unfold's layout is not the contraction's here: unfold plus a permuted copy
+    assert calls and set(calls) == {(121, 2)}

@@ -87,6 +87,10 @@ class LRUCache(Generic[V]):
         self.misses += 1
         return None
 
+    def peek(self, key: Hashable) -> V | None:
+        """The value under ``key`` or ``None``, without counting or reordering."""
+        return self._data.get(key)
+
     def put(self, key: Hashable, value: V) -> None:
         """Store ``value`` under ``key``, evicting the oldest entry if full."""
         self._data[key] = value

@@ -83,6 +83,37 @@ AUTOTUNE_PRUNE = 2.0
 AUTOTUNE_SLACK = 2e8
 
 
+@dataclass(frozen=True)
+class DeviceCosts:
+    """The cost model's constants for one device type, in FLOP-equivalents.
+
+    Attributes:
+        copy: Per element copied (:data:`COPY_COST` on a CPU).
+        call: Per torch call (:data:`CALL_COST` on a CPU).
+        slack: Autotuning's absolute margin (:data:`AUTOTUNE_SLACK` on a CPU).
+    """
+
+    copy: float
+    call: float
+    slack: float
+
+
+#: The constants on a CUDA GPU, in FLOP-equivalents of a float32 GEMM at
+#: ~4·10¹³ FLOP/s (an H100 without TF32). Estimated from the first H100 run
+#: (``docs/benchmarks.md``), not calibrated like the CPU's: a small torch call (an
+#: einsum step with its permuted copies, one tap of a per-tap loop) took 10–25 µs,
+#: ≈ 10⁹ FLOP-equivalents, so on that GPU the number of calls decides problems of up
+#: to ~10¹⁰ FLOPs; a copy moves 8 bytes per element at ~3 TB/s (≈ 100 FLOPs).
+CUDA_COSTS = DeviceCosts(copy=128.0, call=1e9, slack=2e10)
+
+
+def device_costs(device: torch.device) -> DeviceCosts:
+    """The cost-model constants for ``device`` (the CPU's are read at call time)."""
+    if torch.device(device).type == "cuda":
+        return CUDA_COSTS
+    return DeviceCosts(COPY_COST, CALL_COST, AUTOTUNE_SLACK)
+
+
 def plausible(
     costs: Sequence[float],
     prune: Optional[float] = None,
@@ -162,6 +193,16 @@ def set_autotune(enabled: bool, min_flops: Optional[float] = None) -> None:
     _SETTINGS["autotune"] = bool(enabled)
     if min_flops is not None:
         _SETTINGS["autotune_min_flops"] = float(min_flops)
+
+
+def kernel_settings() -> tuple:
+    """The settings that decide between torch's kernels and the TN (a cache key)."""
+    return (
+        _SETTINGS["native"],
+        _SETTINGS["forced"],
+        _SETTINGS["autotune"],
+        _SETTINGS["autotune_min_flops"],
+    )
 
 
 def get_autotune() -> Tuple[bool, float]:
@@ -571,7 +612,8 @@ def candidates(
 
     The estimate is ``opt_einsum``'s FLOP count plus :data:`COPY_COST` per element
     copied (unfolded inputs, per-tap slices), one per element of a squared epilogue
-    and :data:`CALL_COST` per torch call (which decides tiny problems). The memory
+    and :data:`CALL_COST` per torch call (which decides tiny problems); on a GPU the
+    constants of :func:`device_costs`. The memory
     estimate counts the operands a candidate builds (unfolded inputs, the copy of
     ``S``, per-tap slices), the intermediates alive at once and the result; it breaks
     ties between candidates that measure about as fast (:data:`TIME_TIE`).
@@ -586,12 +628,14 @@ def candidates(
         The candidates (forced strategy applied).
     """
     result = []
+    costs = device_costs(device)
+    copy_cost, call_cost = costs.copy, costs.call
     for net in formulations:
         op_shapes = [_operand_shape(net, op, shapes) for op in net.operands]
         plan = _plan(net.equation, op_shapes, dtype, device)
         # unfolded (window) operands are built once each: (torch calls, copies)
         windowed = {
-            (op.source, op.views): _window_cost(net, op, shapes[op.source], s)
+            (op.source, op.views): _window_cost(net, op, shapes[op.source], s, device)
             for op, s in zip(net.operands, op_shapes)
             if op.layout
         }
@@ -615,11 +659,11 @@ def candidates(
             shape = op_shapes[0]
             rows = math.prod(shape[i] for i in perm[num_batch:][:num_rows])
             inner = math.prod(shape[i] for i in perm[num_batch + num_rows :])
-            base = plan.flops * product_fraction(rows, inner) + epilogue
+            base = plan.flops * product_fraction(rows, inner, device) + epilogue
         classes = _class_axis(net)
         # batching over samples, one contraction copies S [V, N, ...] to [N, V, ...]
         s_copy = math.prod(op_shapes[classes[0]]) if classes else 0
-        cost = base + COPY_COST * (copied + s_copy) + CALL_COST * calls
+        cost = base + copy_cost * (copied + s_copy) + call_cost * calls
         op_shapes = tuple(op_shapes)
         memory = copied + s_copy + plan.peak_elements
         result.append(
@@ -634,7 +678,7 @@ def candidates(
                 if op.source not in (None, "x")
                 and any(a.startswith("o") for a in op.axes)
             )
-            cost = base + COPY_COST * (copied + taps * others) + CALL_COST * 4 * taps
+            cost = base + copy_cost * (copied + taps * others) + call_cost * 4 * taps
             # the accumulated result, one tap's part (before a square-sum epilogue)
             # and its operand slices: an input slice is a tap's share of the
             # unfolded input; an output-side slice is copied, then permuted into
@@ -661,8 +705,8 @@ def candidates(
             cost = (
                 count * per_class.flops
                 + epilogue
-                + COPY_COST * copied
-                + CALL_COST * calls
+                + copy_cost * copied
+                + call_cost * calls
             )
             # one class's intermediates and result, the accumulated squares and
             # the final sum over the other squared axes (as large as the squares
@@ -685,7 +729,7 @@ def candidates(
 
 
 def _window_cost(
-    net: TensorNetwork, op: Operand, source: Shape, shape: Shape
+    net: TensorNetwork, op: Operand, source: Shape, shape: Shape, device=None
 ) -> Tuple[int, int]:
     """Torch calls and copied elements to build a window operand (as ``im2col``)."""
     elements = math.prod(shape)
@@ -693,7 +737,8 @@ def _window_cost(
         return 1, elements  # views, then one contiguous copy
     lead = tuple(source[: len(source) - len(net.plans)])
     dims = window_dims(net.plans)
-    mode = unfold_mode(lead, dims, op, op.layout, len(net.plans))
+    limit = windows.small_window_limit(device)
+    mode = unfold_mode(lead, dims, op, op.layout, len(net.plans), limit)
     if mode == "natural":
         return 1, elements
     if mode == "permuted":
@@ -916,7 +961,9 @@ def _prepared_einsum(
         key, drop = _operand_key(net, op)
         if key not in shared:
             if _direct_windows(net, op, drop):
-                build = window_builder(shapes[op.source], op, net.plans, op.layout)
+                build = window_builder(
+                    shapes[op.source], op, net.plans, op.layout, device
+                )
             else:
                 build = functools.partial(_prepare_operand, net, op, drop=drop)
             shared[key] = len(builders)
@@ -1012,6 +1059,13 @@ def fastest(
     return result
 
 
+def fastest_choice(key: tuple) -> Optional[int]:
+    """The index :func:`fastest` runs for ``key`` now, or ``None`` if not yet chosen."""
+    if not _SETTINGS["autotune"] or _SETTINGS["forced"] is not None:
+        return 0
+    return _FASTEST.peek(key)
+
+
 def _rank(formulations, shapes, dtype, device) -> tuple:
     options = candidates(formulations, shapes, dtype, device)
     cheapest = min(range(len(options)), key=lambda i: options[i].cost)
@@ -1048,7 +1102,7 @@ def evaluate(
         _SETTINGS["autotune_min_flops"],
         _SETTINGS["budget"],
         _SETTINGS["gram"],
-        windows.SMALL_WINDOW_ELEMENTS_PER_TAP,
+        windows.small_window_limit(device),
     )
     prepared = _PREPARED.get(prepared_key)
     if prepared is not None:
@@ -1071,7 +1125,8 @@ def evaluate(
     )
     index = _TUNED.get(key) if tune else cheapest
     if index is None:  # first call: measure the plausible candidates
-        measured = plausible([c.cost for c in options])
+        slack = device_costs(device).slack
+        measured = plausible([c.cost for c in options], slack=slack)
         result, pick = _autotune(
             [options[i] for i in measured], tensors, shapes, device
         )

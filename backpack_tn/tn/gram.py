@@ -29,16 +29,21 @@ MIN_INNER = 256
 MAX_BLOCKS = 8
 
 
-def default_blocks(rows: int, inner: int) -> int:
-    """Blocks :func:`symmetric_gram` uses for ``rows × inner`` matrices by default."""
-    if inner < MIN_INNER:
+def default_blocks(rows: int, inner: int, device=None) -> int:
+    """Blocks :func:`symmetric_gram` uses for ``rows × inner`` matrices by default.
+
+    One on a GPU: there every block's GEMM and mirror copy is a kernel launch of
+    ~10–25 µs (measured per torch call on an H100, ``docs/benchmarks.md``), the time
+    of ~10⁹ multiply-adds, more than the halved products of a KFAC factor save.
+    """
+    if inner < MIN_INNER or _is_cuda(device):
         return 1
     return max(1, min(MAX_BLOCKS, rows // MIN_BLOCK_ROWS))
 
 
-def product_fraction(rows: int, inner: int) -> float:
+def product_fraction(rows: int, inner: int, device=None) -> float:
     """Fraction of a GEMM's products that :func:`symmetric_gram` computes by default."""
-    blocks = min(default_blocks(rows, inner), max(rows, 1))
+    blocks = min(default_blocks(rows, inner, device), max(rows, 1))
     return (blocks + 1) / (2 * blocks)
 
 
@@ -49,8 +54,8 @@ def symmetric_gram(u: Tensor, blocks: int | None = None) -> Tensor:
         u: ``[B, R, M]``.
         blocks: Number of row blocks, of equal size up to one row (default: as
             many as keep at least :data:`MIN_BLOCK_ROWS` rows each, at most
-            :data:`MAX_BLOCKS`, one if ``M <`` :data:`MIN_INNER`; at most one per
-            row).
+            :data:`MAX_BLOCKS`, one if ``M <`` :data:`MIN_INNER` or on a GPU; at
+            most one per row).
 
     Returns:
         ``[B, R, R]``; the blocks below the diagonal blocks are copies of those
@@ -61,7 +66,7 @@ def symmetric_gram(u: Tensor, blocks: int | None = None) -> Tensor:
     """
     batch, rows, inner = u.shape
     if blocks is None:
-        blocks = default_blocks(rows, inner)
+        blocks = default_blocks(rows, inner, u.device)
     if blocks < 1:
         raise ValueError(f"blocks must be positive, got {blocks}.")
     blocks = min(blocks, max(rows, 1))
@@ -76,6 +81,10 @@ def symmetric_gram(u: Tensor, blocks: int | None = None) -> Tensor:
         if stop < rows:  # the mirror image below the diagonal block
             out[:, stop:, start:stop] = band[:, :, stop - start :].transpose(1, 2)
     return out
+
+
+def _is_cuda(device) -> bool:
+    return device is not None and torch.device(device).type == "cuda"
 
 
 __all__ = [

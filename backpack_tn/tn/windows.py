@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -176,6 +177,7 @@ def window_builder(
     op: Operand,
     plans: Tuple[DimPlan, ...],
     layout: Tuple[str, ...],
+    device=None,
 ) -> Callable[[Tensor], Tensor]:
     """:func:`im2col` specialised to sources of one shape: the torch calls only.
 
@@ -184,6 +186,7 @@ def window_builder(
         op: The window operand.
         plans: Per-dimension plans of the formulation.
         layout: Axis order of the result.
+        device: Device of the source (decides :func:`small_window_limit`).
 
     Returns:
         A function of the source tensor computing what :func:`im2col` computes.
@@ -196,7 +199,7 @@ def window_builder(
     for d in dims:  # what _prepare narrows
         prepared[lead + d.position] = d.size
     recipe = _unfold_recipe(
-        tuple(prepared), dims, op, tuple(layout), lead, SMALL_WINDOW_ELEMENTS_PER_TAP
+        tuple(prepared), dims, op, tuple(layout), lead, small_window_limit(device)
     )
     if recipe is None:
         return lambda x: im2col(x, op, plans, layout)
@@ -260,7 +263,7 @@ def _torch_unfold(
 ) -> Optional[Tensor]:
     """``F.unfold`` where :func:`unfold_mode` allows it, else ``None``."""
     recipe = _unfold_recipe(
-        tuple(x.shape), dims, op, tuple(layout), lead, SMALL_WINDOW_ELEMENTS_PER_TAP
+        tuple(x.shape), dims, op, tuple(layout), lead, small_window_limit(x.device)
     )
     return None if recipe is None else _unfold_by(x, recipe)
 
@@ -314,6 +317,20 @@ def _unfold_recipe(
 #: calls and two passes (≈ 1.5 ns per element). Measured crossover on a 2-core EPYC
 #: CPU: ≈ 16k elements per tap (3×3 and 7×7 kernels, 1–16 channels).
 SMALL_WINDOW_ELEMENTS_PER_TAP = 1 << 14
+
+#: The same limit on a GPU. There the per-tap loop's calls are kernel launches of
+#: ~10–25 µs each (H100, ``docs/benchmarks.md``: 9–25 taps took 0.3–2.5 ms where one
+#: ``F.unfold`` and a GEMM took 0.2–0.3 ms), while a copy moves ~10¹¹ elements per
+#: second: the crossover is some 10⁶–10⁷ elements per tap. An estimate from that
+#: run, not a measured crossover.
+SMALL_WINDOW_ELEMENTS_PER_TAP_CUDA = 1 << 24
+
+
+def small_window_limit(device=None) -> int:
+    """:data:`SMALL_WINDOW_ELEMENTS_PER_TAP` for ``device`` (read at call time)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return SMALL_WINDOW_ELEMENTS_PER_TAP_CUDA
+    return SMALL_WINDOW_ELEMENTS_PER_TAP
 
 
 def _identity_dim() -> WindowDim:
