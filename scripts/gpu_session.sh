@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # One GPU session in two phases, for a lent machine with a short time budget.
 #
-#   scripts/gpu_session.sh check   # CUDA tests, the main job, a one-model bench smoke
-#   scripts/gpu_session.sh bench   # model- and layer-level benchmarks
+#   scripts/gpu_session.sh check [SECONDS]  # CUDA tests, main job, overhead, one model
+#   scripts/gpu_session.sh bench [SECONDS]  # model- and layer-level benchmarks
+#   scripts/gpu_session.sh all [SECONDS]    # both in one call (saves a machine start)
 #
 # Expects the pure-Python wheels of the dependencies the machine lacks in .whl/
 # (backpack-for-pytorch, curvlinops-for-pytorch, einconv, unfoldNd) and writes logs,
 # JSON as one tarball under $OUT (default /tmp/gpu_out). Every step has its own
 # time limit and the whole phase a deadline, so what finished always comes back.
 set -u
-phase=${1:?usage: gpu_session.sh check|bench}
+phase=${1:?usage: gpu_session.sh check|bench|all}
 budget=${2:-480}  # seconds for the whole phase
 OUT=${OUT:-/tmp/gpu_out}
 results=/tmp/gpu_results  # packed into $OUT/results.tgz at the end
@@ -51,18 +52,19 @@ step() {
 # (cuDNN would otherwise use TF32 for convolutions and cuBLAS not for einsum's GEMMs).
 bench="env NVIDIA_TF32_OVERRIDE=0"
 
-case $phase in
-check)
+check() {
     step tests 240 env BACKPACK_TN_TEST_DEVICE="$dev" $py -m pytest tests/test_cuda.py \
         "tests/test_dropout.py::test_devices" -q -p no:cacheprovider --junitxml="$results/junit.xml"
     step main 60 $py -m backpack_tn --device $dev --batch-size 64 --repeats 3
+    step overhead 30 $py -m backpack_tn.bench.overhead --device $dev
     step smoke_3c3d 120 $bench $py -m backpack_tn.bench --models 3c3d --device $dev \
         --batch-size 32 --repeats 3 --json "$results/zoo_3c3d_$dev.json"
-    ;;
-bench)
+}
+
+benchmarks() {
     step models_resnet18 150 $bench $py -m backpack_tn.bench.models --model resnet18 \
         --batch-size 8 --device $dev --repeats 3 \
-        --extensions BatchGrad DiagGGNExact DiagGGNMC KFAC
+        --extensions BatchGrad DiagGGNExact DiagGGNMC
     step kfac_resnet18 60 $bench $py -m backpack_tn.bench.kfac --model resnet18 \
         --batch-size 8 --device $dev --repeats 3
     for m in deepobs resnet18 alexnet mobilenet_v2 convnext_base inception_v3 resnext101; do
@@ -72,6 +74,18 @@ bench)
         step "zoo_$m" 200 $bench $py -m backpack_tn.bench --models $models --device $dev \
             --batch-size $batch --repeats 3 --no-plain --json "$results/zoo_${m}_$dev.json"
     done
+}
+
+case $phase in
+check) check ;;
+bench) benchmarks ;;
+all)
+    check
+    benchmarks
+    ;;
+*)
+    echo "unknown phase $phase" >&2
+    exit 2
     ;;
 esac
 tar -czf "$OUT/results.tgz" -C "$(dirname "$results")" "$(basename "$results")"
