@@ -98,9 +98,9 @@ def _geometry(
         groups,
         padding_mode,
     )
-    try:
+    if all(map(_exact, args[1:])):
         geometry = _cached_geometry(*args)
-    except TypeError:  # unhashable argument: validate uncached (raises clearly)
+    else:  # e.g. a list, or a float equal to a cached int: validate uncached
         geometry = make_geometry(*args)
     _check_channels(input_shape[1], groups, "input channels")
     return geometry
@@ -112,7 +112,8 @@ def _hashable(value):
 
 # Validation and normalisation are pure: small problems would otherwise pay for them
 # on every call (tens of microseconds next to a sub-millisecond kernel).
-_cached_geometry = functools.lru_cache(maxsize=1024)(make_geometry)
+# ``typed``: ``True`` and ``1`` are different arguments (validation tells them apart).
+_cached_geometry = functools.lru_cache(maxsize=1024, typed=True)(make_geometry)
 
 
 def _check_output(tensor: Tensor, name: str, geometry: ConvGeometry, lead: int):
@@ -231,9 +232,12 @@ def _convolution_backward(
 def _placeholder(shape: Tuple[int, ...], dtype, device) -> Tensor:
     """A tensor of ``shape`` without memory (one element, expanded), read for its shape.
 
-    Cached: creating it took 2 µs per call, a fifth of a small kernel's launch.
+    Cached: creating it took 2 µs per call, a fifth of a small kernel's launch. Made
+    outside inference mode, so that a placeholder first needed under
+    ``torch.inference_mode()`` can still be saved for backward by later calls.
     """
-    return torch.empty(1, dtype=dtype, device=device).expand(*shape)
+    with torch.inference_mode(False):
+        return torch.empty(1, dtype=dtype, device=device).expand(*shape)
 
 
 def _identity(tensor: Tensor) -> Tensor:
@@ -254,16 +258,25 @@ def _lookup(
 ) -> Tuple[Optional[tuple], Optional[tuple]]:
     """The call's key in :data:`_KERNEL_CALLS` and what is stored under it.
 
-    The key is ``None`` where an argument is unhashable (e.g. a list as stride):
-    then the full path runs and nothing is remembered.
+    The key is ``None`` unless every hyper-parameter is exactly an ``int``, ``bool``
+    or ``str`` or a tuple of ``int``: then the full path runs (and validates) and
+    nothing is remembered. Python's ``1 == 1.0 == True`` would otherwise let a call
+    with a float stride, which validation rejects, reuse an int call's entry.
     """
+    if not all(map(_exact, hyper)):
+        return None, None
     first = tensors[0]
     shapes = tuple(None if t is None else t.shape for t in tensors)
-    key = (name, first.dtype, first.device, *shapes, *hyper, *kernel_settings())
-    try:
-        return key, _KERNEL_CALLS.get(key)
-    except TypeError:
-        return None, None
+    types = tuple(map(type, hyper))  # True vs 1
+    key = (name, first.dtype, first.device, *shapes, *hyper, types, *kernel_settings())
+    return key, _KERNEL_CALLS.get(key)
+
+
+def _exact(value) -> bool:
+    kind = type(value)
+    if kind is tuple:
+        return all(type(v) is int for v in value)
+    return kind is int or kind is bool or kind is str
 
 
 def _kernel_or_tn(
@@ -466,13 +479,11 @@ def input_vjp(
     Returns:
         Gradient w.r.t. the input, ``[N, C_in, *I]``.
     """
+    input_shape = tuple(int(s) for s in input_shape)
     hyper = (stride, padding, dilation, groups, padding_mode, simplify)
-    signature, known = _lookup(
-        "input_vjp", (grad_output, weight), tuple(input_shape), *hyper
-    )
+    signature, known = _lookup("input_vjp", (grad_output, weight), input_shape, *hyper)
     if known is not None:
         return _convolution_backward(grad_output, None, weight, known[0], input_shape)
-    input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) < 3:
         raise ValueError(
             f"input_shape must be [N, C_in, *I] with at least one spatial dimension, "

@@ -15,11 +15,13 @@ budget=${2:-480}  # seconds for the whole phase
 OUT=${OUT:-/tmp/gpu_out}
 results=/tmp/gpu_results  # packed into $OUT/results.tgz at the end
 dev=${DEVICE:-cuda}     # DEVICE=cpu: dry run of the script on a machine without GPU
+rm -rf "$results"  # a warm machine keeps /tmp between calls
 mkdir -p "$results" "$OUT"
 deadline=$(($(date +%s) + budget))
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site" TQDM_DISABLE=1
 py=python3
 
+# .whl/ is git-ignored: the device call must carry it
 if ls .whl/*.whl >/dev/null 2>&1; then
     $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
@@ -28,7 +30,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
     --format=csv >"$results/gpu.txt" 2>&1
 $py -c "import torch, backpack, curvlinops, einconv; \
 print(torch.__version__, torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())" \
-    | tee -a "$results/gpu.txt"
+    >>"$results/gpu.txt" 2>&1 || {
+    cat "$results/gpu.txt"
+    echo "imports failed (were the wheels carried?)"
+    exit 1
+}
+cat "$results/gpu.txt"
+
+# pack what there is: after every step, so that a call killed at its limit still
+# brings back everything finished before
+pack() {
+    tar -czf "$OUT/results.tgz" -C "$(dirname "$results")" "$(basename "$results")"
+    cp "$results/steps.txt" "$OUT/" 2>/dev/null
+}
 
 # step NAME SECONDS CMD...: run with a limit (capped by the deadline), log to NAME.log
 step() {
@@ -41,11 +55,12 @@ step() {
         return
     fi
     local start=$(date +%s)
-    timeout "$limit" "$@" >"$results/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" >"$results/$name.log" 2>&1
     local rc=$?
     echo "$name rc=$rc $(($(date +%s) - start))s (limit ${limit}s)" \
         | tee -a "$results/steps.txt"
     tail -n 4 "$results/$name.log"
+    pack
 }
 
 # fp32 benchmarks without TF32: every implementation does the same arithmetic
@@ -88,5 +103,4 @@ all)
     exit 2
     ;;
 esac
-tar -czf "$OUT/results.tgz" -C "$(dirname "$results")" "$(basename "$results")"
-cp "$results/steps.txt" "$OUT/"
+pack

@@ -121,10 +121,11 @@ def test_functional_on_cuda(case, simplify, strategy):
     x, w, b, g, S = (_on_cuda(ref[k]) for k in ("x", "weight", "bias", "grad_out", "S"))
     k, hyper = case.kernel_size, dict(case.hyper, simplify=simplify)
     with force_strategy(strategy):
-        _check(tnf.conv(x, w, b, **hyper), ref["conv"])
+        for _ in range(2):  # the second call of torch's kernels skips the decision
+            _check(tnf.conv(x, w, b, **hyper), ref["conv"])
+            _check(tnf.input_vjp(g, w, x.shape, **hyper), ref["input_vjp"])
+            _check(tnf.weight_vjp(x, g, k, **hyper), ref["weight_vjp"])
         _check(tnf.unfold(x, k, **hyper), ref["unfold"])
-        _check(tnf.input_vjp(g, w, x.shape, **hyper), ref["input_vjp"])
-        _check(tnf.weight_vjp(x, g, k, **hyper), ref["weight_vjp"])
         _check(
             tnf.weight_vjp(x, g, k, per_sample=True, **hyper), ref["per_sample_grad"]
         )
@@ -188,14 +189,46 @@ def test_cpu_and_cuda_share_no_cached_tensors():
     case = next(c for c in CASES if c.id == "2d-k3-s2-p1")
     ref = _references(case)
     for device in ("cpu", CUDA, "cpu", CUDA):
-        x, g, S = (ref[k].to(device) for k in ("x", "grad_out", "S"))
+        x, g, S, w, b = (
+            ref[k].to(device) for k in ("x", "grad_out", "S", "weight", "bias")
+        )
         k = case.kernel_size
+        for name, result in (
+            ("conv", tnf.conv(x, w, b, **case.hyper)),
+            ("input_vjp", tnf.input_vjp(g, w, x.shape, **case.hyper)),
+            ("weight_vjp", tnf.weight_vjp(x, g, k, **case.hyper)),
+        ):
+            assert result.device.type == torch.device(device).type
+            close(result.cpu(), ref[name])
         for per_sample in (False, True):
             result = tnf.diag_ggn_weight(x, S, k, per_sample=per_sample, **case.hyper)
             assert result.device.type == device
             close(result.cpu(), ref["diag_ggn"][per_sample])
         grads = tnf.weight_vjp(x, g, k, per_sample=True, **case.hyper)
         close(grads.cpu(), ref["per_sample_grad"])
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if c.dims == 2 and c.padding_mode == "zeros"],
+    ids=lambda c: c.id,
+)
+def test_kernel_or_tn_measured_on_cuda(case):
+    """torch's kernel against the TN, timed on the GPU (every problem measured)."""
+    from backpack_tn.tn.evaluate import get_autotune, set_autotune
+
+    ref = _references(case)
+    x, w, b, g = (_on_cuda(ref[k]) for k in ("x", "weight", "bias", "grad_out"))
+    k = case.kernel_size
+    enabled, threshold = get_autotune()
+    set_autotune(True, min_flops=0)
+    try:
+        for _ in range(2):
+            _check(tnf.conv(x, w, b, **case.hyper), ref["conv"])
+            _check(tnf.input_vjp(g, w, x.shape, **case.hyper), ref["input_vjp"])
+            _check(tnf.weight_vjp(x, g, k, **case.hyper), ref["weight_vjp"])
+    finally:
+        set_autotune(enabled, threshold)
 
 
 def _extension_grid():

@@ -188,7 +188,9 @@ def set_autotune(enabled: bool, min_flops: Optional[float] = None) -> None:
     Args:
         enabled: Whether to autotune.
         min_flops: Problems whose cheapest candidate is estimated below this many
-            FLOPs are never measured (default ``2e6``: a few tens of µs).
+            FLOP-equivalents are never measured (default ``2e6``: a few tens of µs
+            on a CPU). On a GPU every torch call is priced at 10⁹
+            (:data:`CUDA_COSTS`), so there every problem with a choice is measured.
     """
     _SETTINGS["autotune"] = bool(enabled)
     if min_flops is not None:

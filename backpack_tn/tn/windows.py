@@ -288,7 +288,7 @@ def _unfold_recipe(
 
     Cached: deriving them costs tens of microseconds of Python per call, as much as
     the whole unfold of a small operand. ``small_limit`` is
-    :data:`SMALL_WINDOW_ELEMENTS_PER_TAP` at call time (part of the key: the tests
+    :func:`small_window_limit` of the device at call time (part of the key: the tests
     lower it to exercise the per-tap loop).
     """
     num = len(shape) - lead
@@ -321,8 +321,8 @@ SMALL_WINDOW_ELEMENTS_PER_TAP = 1 << 14
 #: The same limit on a GPU. There the per-tap loop's calls are kernel launches of
 #: ~10–25 µs each (H100, ``docs/benchmarks.md``: 9–25 taps took 0.3–2.5 ms where one
 #: ``F.unfold`` and a GEMM took 0.2–0.3 ms), while a copy moves ~10¹¹ elements per
-#: second: the crossover is some 10⁶–10⁷ elements per tap. An estimate from that
-#: run, not a measured crossover.
+#: second: the crossover is some 10⁷ elements per tap (≈ 25 µs of copying). An
+#: estimate from that run, not a measured crossover.
 SMALL_WINDOW_ELEMENTS_PER_TAP_CUDA = 1 << 24
 
 
