@@ -274,6 +274,8 @@ def _lookup(
 
 def _exact(value) -> bool:
     kind = type(value)
+    if kind is torch.Size:
+        return True
     if kind is tuple:
         return all(type(v) is int for v in value)
     return kind is int or kind is bool or kind is str
@@ -479,7 +481,8 @@ def input_vjp(
     Returns:
         Gradient w.r.t. the input, ``[N, C_in, *I]``.
     """
-    input_shape = tuple(int(s) for s in input_shape)
+    if type(input_shape) is not torch.Size:  # a Size holds ints already
+        input_shape = tuple(int(s) for s in input_shape)
     hyper = (stride, padding, dilation, groups, padding_mode, simplify)
     signature, known = _lookup("input_vjp", (grad_output, weight), input_shape, *hyper)
     if known is not None:
