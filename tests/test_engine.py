@@ -1072,3 +1072,90 @@ def test_kernel_placeholder_from_inference_mode_serves_autograd():
     (ref_gw,) = torch.autograd.grad(ref_x.sum(), wr)
     close(gw_of_x, ref_gw)
     assert gx_of_w.shape == x.shape
+
+
+@pytest.fixture
+def gpu_rules(monkeypatch):
+    """The engine's GPU rules on the CPU: CUDA cost constants, F.unfold for window
+    operands at any size, one GEMM per Gram matrix (caches cleared around)."""
+    import importlib
+
+    from backpack_tn.tn import gram, windows
+
+    ev = importlib.import_module("backpack_tn.tn.evaluate")
+    clear_caches()
+    monkeypatch.setattr(ev, "device_costs", lambda device: ev.CUDA_COSTS)
+    limit = windows.SMALL_WINDOW_ELEMENTS_PER_TAP_CUDA
+    monkeypatch.setattr(windows, "small_window_limit", lambda device=None: limit)
+    monkeypatch.setattr(gram, "default_blocks", lambda rows, inner, device=None: 1)
+    yield
+    clear_caches()
+
+
+# large enough that the CPU rules differ: more than 16k unfolded elements per tap
+# (per-tap copies on a CPU) and Gram matrices of more than 256 rows (row blocks)
+GPU_RULE_CASES = [
+    Case(
+        "k3-s1-p1-wide", 2, 3, padding=1, c_in=32, c_out=8, batch=4, input_size=(20, 20)
+    ),
+    Case("k3-s2-p1-wide", 2, 3, 2, 1, c_in=32, c_out=8, batch=4, input_size=(21, 20)),
+    Case("k5-p2-1d", 1, 5, padding=2, c_in=64, c_out=4, batch=4, input_size=(300,)),
+    Case(
+        "k3-depthwise",
+        2,
+        3,
+        padding=1,
+        groups=32,
+        c_in=32,
+        c_out=32,
+        batch=4,
+        input_size=(20, 20),
+    ),
+]
+
+
+@pytest.mark.parametrize("strategy", [None, "window"], ids=["auto", "window"])
+@pytest.mark.parametrize("case", GPU_RULE_CASES, ids=lambda c: c.id)
+def test_gpu_rules_on_the_cpu_match_references(case, strategy, gpu_rules, monkeypatch):
+    """What a GPU runs (other candidates, windows unfolded by F.unfold at any size,
+    single-GEMM Grams) gives the same numbers; checked without a GPU."""
+    from backpack_tn.tn import gram, windows
+    from tests.cases import grouped_unfold
+    from tests.test_functional import _random_S, _reference_sqrt_ggn
+
+    calls = []
+
+    def counted(name, function):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return function(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(windows.F, "unfold", counted("unfold", windows.F.unfold))
+    monkeypatch.setattr(gram.torch, "bmm", counted("bmm", gram.torch.bmm))
+    module, x, out, grad_out, _, _ = forward_with_grads(case)
+    k, hyper = case.kernel_size, case.hyper
+    grads = per_sample_grads(case, module, x, grad_out)
+    S = _random_S(case, out)
+    sqrt = _reference_sqrt_ggn(case, x, S)
+    u = grouped_unfold(case, x).mean(1, keepdim=True)
+    with force_strategy(strategy):
+        close(tnf.weight_vjp(x, grad_out, k, per_sample=True, **hyper), grads)
+        close(
+            tnf.batch_l2_weight(x, grad_out, k, **hyper),
+            grads.pow(2).flatten(1).sum(1),
+        )
+        for approx in ("expand", "reduce"):
+            v = u.mean(-1, keepdim=True) if approx == "reduce" else u
+            expected = torch.einsum("ngio,ngjo->gij", v, v)[0] / x.shape[0]
+            calls.clear()
+            close(tnf.kfac_input_factor(x, k, approx=approx, **hyper), expected)
+            if strategy == "window" and approx == "expand" and case.dims == 2:
+                # the CPU's rules: 9 per-tap copies and 2 GEMMs over row blocks
+                assert calls == ["unfold", "bmm"]
+        close(tnf.diag_ggn_weight(x, S, k, **hyper), sqrt.pow(2).sum((0, 1)))
+        close(
+            tnf.diag_ggn_weight(x, S, k, per_sample=True, **hyper),
+            sqrt.pow(2).sum(0),
+        )
