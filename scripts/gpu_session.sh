@@ -4,13 +4,14 @@
 #   scripts/gpu_session.sh check [SECONDS]  # CUDA tests, main job, overhead, one model
 #   scripts/gpu_session.sh bench [SECONDS]  # model- and layer-level benchmarks
 #   scripts/gpu_session.sh all [SECONDS]    # both in one call (saves a machine start)
+#   scripts/gpu_session.sh calibrate [SECONDS]  # every candidate timed: the GPU cost model
 #
 # Expects the pure-Python wheels of the dependencies the machine lacks in .whl/
 # (backpack-for-pytorch, curvlinops-for-pytorch, einconv, unfoldNd) and writes logs,
 # JSON as one tarball under $OUT (default /tmp/gpu_out). Every step has its own
 # time limit and the whole phase a deadline, so what finished always comes back.
 set -u
-phase=${1:?usage: gpu_session.sh check|bench|all}
+phase=${1:?usage: gpu_session.sh check|bench|all|calibrate}
 budget=${2:-480}  # seconds for the whole phase
 OUT=${OUT:-/tmp/gpu_out}
 results=/tmp/gpu_results  # packed into $OUT/results.tgz at the end
@@ -91,8 +92,16 @@ benchmarks() {
     done
 }
 
+calibration() {
+    for m in resnet18 alexnet mobilenet_v2; do
+        step "calibrate_$m" 200 $bench $py -m backpack_tn.bench.calibrate --models $m \
+            --batch-size 8 --device $dev --repeats 3 --json "$results/calibrate_${m}_$dev.json"
+    done
+}
+
 case $phase in
 check) check ;;
+calibrate) calibration ;;
 bench) benchmarks ;;
 all)
     check

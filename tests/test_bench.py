@@ -314,3 +314,41 @@ def test_merge_update_replaces_the_re_run_operations_only(tmp_path):
         merge_main([str(out), "--update", base, unknown, "--command", "x"])
     with pytest.raises(SystemExit):  # --update needs --command
         merge_main([str(out), "--update", base, rerun])
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_calibration_cost_terms_reproduce_the_engines_costs(device):
+    """FLOPs, calls and copies recorded per candidate give back the engine's own cost
+    with each device's constants (no GPU needed: costs are computed, not run)."""
+    import importlib
+
+    from backpack_tn.bench.calibrate import _cost_terms, current_constants
+    from backpack_tn.tn import make_geometry, networks
+
+    ev = importlib.import_module("backpack_tn.tn.evaluate")
+    geometry = make_geometry((14, 14), 3, 2, 1, 1, 1, "zeros")
+    formulations = networks("batch_l2", geometry, True)
+    shapes = {"x": (8, 1, 16, 14, 14), "v": (8, 1, 32, 7, 7)}
+    dev = torch.device(device)
+    terms = _cost_terms(formulations, shapes, torch.float32, dev)
+    costs = [c.cost for c in ev.candidates(formulations, shapes, torch.float32, dev)]
+    call, copy, *_ = current_constants(device)
+    assert len(terms) == len(costs) >= 2
+    for (flops, calls, copies), cost in zip(terms, costs):
+        assert flops + call * calls + copy * copies == pytest.approx(cost, rel=1e-9)
+        # the terms are separated, not lumped into the FLOPs: every candidate makes
+        # torch calls and batch L2's candidates copy operands
+        assert calls >= 1 and copies >= 0 and 0 < flops < cost
+    # the patched constants are restored
+    assert current_constants(device)[:2] == (call, copy)
+
+
+def test_calibration_summary_per_device():
+    from backpack_tn.bench.calibrate import summary
+
+    row = dict(terms=[[1e9, 2.0, 0.0], [5e8, 40.0, 0.0]], times=[1.0, 2.0])
+    text = summary([dict(row, device="cuda")])
+    assert "(cuda)" in text and "1e+09 (current)" in text
+    assert "1e+06 (current)" in summary([row])  # rows without a device: CPU
+    with pytest.raises(ValueError, match="several device types"):
+        summary([row, dict(row, device="cuda")])

@@ -56,12 +56,32 @@ OPERATIONS = (
 
 @contextmanager
 def _constants(call: float, copy: float) -> Iterator[None]:
-    saved = _ev.CALL_COST, _ev.COPY_COST
+    """Both devices' cost constants set to ``call`` and ``copy`` (restored after)."""
+    saved = _ev.CALL_COST, _ev.COPY_COST, _ev.CUDA_COSTS
     _ev.CALL_COST, _ev.COPY_COST = call, copy
+    _ev.CUDA_COSTS = _ev.DeviceCosts(copy, call, saved[2].slack)
     try:
         yield
     finally:
-        _ev.CALL_COST, _ev.COPY_COST = saved
+        _ev.CALL_COST, _ev.COPY_COST, _ev.CUDA_COSTS = saved
+
+
+def current_constants(device: str) -> tuple:
+    """``(call, copy, threshold, prune, slack)`` the engine uses on ``device``."""
+    costs = _ev.device_costs(torch.device(device))
+    threshold = _ev._SETTINGS["autotune_min_flops"]
+    return costs.call, costs.copy, threshold, _ev.AUTOTUNE_PRUNE, costs.slack
+
+
+#: Constants the summary compares with the current ones, per device type.
+GRIDS = {
+    "cpu": ((2e5, 1e6, 2e6), (16.0, 64.0), (1e7, 2e6), (0.0, 2e8)),
+    "cuda": ((1e8, 3e8, 1e9, 3e9), (32.0, 128.0, 512.0), (2e6,), (0.0, 2e10)),
+}
+
+#: Default of ``--max-cost`` per device type: on a GPU every torch call is priced at
+#: 10⁹ (``evaluate.CUDA_COSTS``), so the CPU's bound would skip every contraction.
+MAX_COST = {"cpu": 1e9, "cuda": 1e11}
 
 
 def _cost_terms(formulations, shapes, dtype, device) -> List[List[float]]:
@@ -134,6 +154,7 @@ def record(
                     dict(
                         layer=layer.name,
                         operation=op,
+                        device=device.type,
                         candidates=[
                             f"{c.executor}/{c.network.strategy}/{c.network.label}"
                             for c in options
@@ -180,23 +201,23 @@ def regret(
 
 
 def summary(rows: Sequence[dict]) -> str:
-    """Markdown table: regret of the choices for the current and other constants."""
-    current = (
-        _ev.CALL_COST,
-        _ev.COPY_COST,
-        _ev._SETTINGS["autotune_min_flops"],
-        _ev.AUTOTUNE_PRUNE,
-        _ev.AUTOTUNE_SLACK,
-    )
+    """Markdown table: regret of the choices for the current and other constants.
+
+    The rows must come from one device type (rows recorded before the field existed
+    count as CPU rows).
+    """
+    devices = {row.get("device", "cpu") for row in rows}
+    if len(devices) != 1:
+        raise ValueError(f"rows from several device types: {sorted(devices)}")
+    device = devices.pop()
+    current = current_constants(device)
     grid = [current]
-    for call, copy, threshold, slack in itertools.product(
-        (2e5, 1e6, 2e6), (16.0, 64.0), (1e7, 2e6), (0.0, 2e8)
-    ):
+    for call, copy, threshold, slack in itertools.product(*GRIDS[device]):
         setting = (call, copy, threshold, _ev.AUTOTUNE_PRUNE, slack)
         if setting not in grid:
             grid.append(setting)
     lines = [
-        f"{len(rows)} contractions with several candidates.",
+        f"{len(rows)} contractions with several candidates ({device}).",
         "",
         "| CALL_COST | COPY_COST | threshold | prune | slack | geo-mean regret | "
         "choices > 1.05× slower | worst |",
@@ -214,7 +235,9 @@ def summary(rows: Sequence[dict]) -> str:
         )
     with_memory = [r for r in rows if "memory" in r]
     if with_memory:
-        values = regret(with_memory, *current[:3], memory_rule=True)
+        values = regret(
+            with_memory, *current[:3], current[3], current[4], memory_rule=True
+        )
         geo = math.exp(sum(map(math.log, values)) / len(values))
         bad = sum(v > 1.05 for v in values)
         lines += [
@@ -223,7 +246,7 @@ def summary(rows: Sequence[dict]) -> str:
             f"contractions): geo-mean regret {geo:.3f}, {bad} choices > 1.05× "
             f"slower, worst {max(values):.2f}×.",
         ]
-    worst = sorted(zip(regret(rows, *current[:3]), rows), key=lambda p: -p[0])
+    worst = sorted(zip(regret(rows, *current), rows), key=lambda p: -p[0])
     lines += ["", "Worst choices with the current constants:", ""]
     for value, row in worst[:10]:
         if value <= 1.05:
@@ -248,8 +271,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--max-cost",
         type=float,
-        default=1e9,
-        help="skip contractions whose cheapest estimate exceeds this (long runs)",
+        help="skip contractions whose cheapest estimate exceeds this (long runs; "
+        "default 1e9 on a CPU, 1e11 on a GPU)",
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
@@ -273,7 +296,9 @@ def main(argv=None) -> int:
                 args.max_layers,
                 args.batch_size,
                 args.classes,
-                args.max_cost,
+                args.max_cost
+                if args.max_cost is not None
+                else MAX_COST.get(torch.device(args.device).type, 1e9),
                 args.repeats,
                 torch.device(args.device),
             )
