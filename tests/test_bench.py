@@ -330,25 +330,78 @@ def test_calibration_cost_terms_reproduce_the_engines_costs(device):
     formulations = networks("batch_l2", geometry, True)
     shapes = {"x": (8, 1, 16, 14, 14), "v": (8, 1, 32, 7, 7)}
     dev = torch.device(device)
+    before = current_constants(device), ev.CUDA_COSTS, ev.CALL_COST, ev.COPY_COST
     terms = _cost_terms(formulations, shapes, torch.float32, dev)
+    # the constants patched while separating the terms are restored
+    assert (
+        current_constants(device),
+        ev.CUDA_COSTS,
+        ev.CALL_COST,
+        ev.COPY_COST,
+    ) == before
     costs = [c.cost for c in ev.candidates(formulations, shapes, torch.float32, dev)]
     call, copy, *_ = current_constants(device)
     assert len(terms) == len(costs) >= 2
     for (flops, calls, copies), cost in zip(terms, costs):
         assert flops + call * calls + copy * copies == pytest.approx(cost, rel=1e-9)
         # the terms are separated, not lumped into the FLOPs: every candidate makes
-        # torch calls and batch L2's candidates copy operands
-        assert calls >= 1 and copies >= 0 and 0 < flops < cost
-    # the patched constants are restored
-    assert current_constants(device)[:2] == (call, copy)
+        # torch calls
+        assert calls >= 1 and 0 < flops < cost
+    assert any(copies > 0 for *_, copies in terms)  # window candidates copy
 
 
 def test_calibration_summary_per_device():
+    import importlib
+
     from backpack_tn.bench.calibrate import summary
 
-    row = dict(terms=[[1e9, 2.0, 0.0], [5e8, 40.0, 0.0]], times=[1.0, 2.0])
+    ev = importlib.import_module("backpack_tn.tn.evaluate")
+    # candidate 1 has fewer FLOPs but many calls: with the GPU's constants only 0 is
+    # plausible enough to be measured (the faster one), with the CPU's only 1
+    row = dict(
+        layer="l",
+        operation="op",
+        candidates=["a", "b"],
+        terms=[[1.2e10, 2.0, 0.0], [5e9, 40.0, 0.0]],
+        times=[1.0, 2.0],
+    )
     text = summary([dict(row, device="cuda")])
-    assert "(cuda)" in text and "1e+09 (current)" in text
-    assert "1e+06 (current)" in summary([row])  # rows without a device: CPU
-    with pytest.raises(ValueError, match="several device types"):
+    assert f"{ev.CUDA_COSTS.call:.0e} (current)" in text and "(cuda)" in text
+    cpu_text = summary([row])  # rows without a device: CPU
+    assert f"{ev.CALL_COST:.0e} (current)" in cpu_text
+    current = [line for line in text.splitlines() if "(current)" in line][0]
+    cpu_current = [line for line in cpu_text.splitlines() if "(current)" in line][0]
+    assert current.split("|")[6].strip() == "1.000"  # regret of choosing 0
+    assert cpu_current.split("|")[6].strip() == "2.000"
+    with pytest.raises(ValueError, match="device types"):
         summary([row, dict(row, device="cuda")])
+
+
+@pytest.mark.parametrize("device, bound", [("cpu", 1e9), ("cuda", 1e11)])
+def test_calibrate_max_cost_default_per_device(device, bound, monkeypatch, tmp_path):
+    """On a GPU every call is priced at 1e9: the CPU's bound would skip everything."""
+    from backpack_tn.bench import calibrate
+
+    seen = {}
+    row = dict(
+        layer="l",
+        operation="op",
+        device=torch.device(device).type,
+        candidates=["a", "b"],
+        terms=[[1.0, 1.0, 0.0], [2.0, 1.0, 0.0]],
+        times=[1.0, 1.0],
+    )
+
+    def fake_record(*args, on_layer=None):
+        seen["max_cost"] = args[4]
+        on_layer([row])  # saved after every layer
+        return [row]
+
+    monkeypatch.setattr(calibrate, "record", fake_record)
+    out = tmp_path / "cal.json"
+    args = ["--models", "2c2d", "--device", device, "--json", str(out)]
+    assert calibrate.main(args) == 0
+    assert seen["max_cost"] == bound
+    assert json.loads(out.read_text())["rows"] == [row]
+    assert calibrate.main([*args[:-2], "--max-cost", "5"]) == 0
+    assert seen["max_cost"] == 5.0

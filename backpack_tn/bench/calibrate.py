@@ -30,7 +30,7 @@ import itertools
 import json
 import math
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 from unittest import mock
 
 import torch
@@ -112,8 +112,13 @@ def record(
     max_cost: float,
     repeats: int,
     device: torch.device,
+    on_layer: Optional[Callable[[List[dict]], None]] = None,
 ) -> List[dict]:
-    """Time every candidate of every recorded contraction (see the module docstring)."""
+    """Time every candidate of every recorded contraction (see the module docstring).
+
+    ``on_layer`` gets the rows so far after every layer (e.g. to save them: a run
+    stopped at a time limit keeps what it measured).
+    """
     dtype = torch.float32
     rows: List[dict] = []
     for layer in zoo_layers(models)[:max_layers]:
@@ -165,6 +170,8 @@ def record(
                     )
                 )
         del problem
+        if on_layer is not None:
+            on_layer(rows)
     return rows
 
 
@@ -208,11 +215,16 @@ def summary(rows: Sequence[dict]) -> str:
     """
     devices = {row.get("device", "cpu") for row in rows}
     if len(devices) != 1:
-        raise ValueError(f"rows from several device types: {sorted(devices)}")
+        raise ValueError(
+            f"rows from {len(devices)} device types, summarise one at a time: "
+            f"{sorted(devices)}"
+        )
     device = devices.pop()
     current = current_constants(device)
     grid = [current]
-    for call, copy, threshold, slack in itertools.product(*GRIDS[device]):
+    for call, copy, threshold, slack in itertools.product(
+        *GRIDS.get(device, GRIDS["cpu"])
+    ):
         setting = (call, copy, threshold, _ev.AUTOTUNE_PRUNE, slack)
         if setting not in grid:
             grid.append(setting)
@@ -286,10 +298,21 @@ def main(argv=None) -> int:
     if args.analyse:
         for path in args.analyse:
             with open(path) as f:
-                rows += json.load(f)["rows"]
+                saved = json.load(f)
+            # rows written before they named their device: the run's --device
+            kind = torch.device(saved.get("meta", {}).get("device") or "cpu").type
+            for row in saved["rows"]:
+                row.setdefault("device", kind)
+            rows += saved["rows"]
     if args.models:
         threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)
+
+        def save(recorded: List[dict]) -> None:
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"meta": vars(args), "rows": recorded}, f, indent=1)
+
         try:
             rows += record(
                 args.models,
@@ -301,15 +324,16 @@ def main(argv=None) -> int:
                 else MAX_COST.get(torch.device(args.device).type, 1e9),
                 args.repeats,
                 torch.device(args.device),
+                on_layer=save,
             )
         finally:
             torch.set_num_threads(threads)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"meta": vars(args), "rows": rows}, f, indent=1)
     if not rows:
         parser.error("nothing to summarise: give --models or --analyse")
-    print(summary(rows))
+    try:
+        print(summary(rows))
+    except ValueError as error:
+        parser.error(str(error))
     return 0
 
 

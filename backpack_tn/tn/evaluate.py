@@ -1141,7 +1141,16 @@ def evaluate(
     prepared = _PREPARED.get(prepared_key)
     if prepared is not None:
         return prepared(tensors)
-    options_key = (id(formulations), _SETTINGS["forced"], _SETTINGS["gram"], key)
+    # the estimates depend on the device's cost constants and window rule (both
+    # fixed per device type, but patched by calibration and tests)
+    options_key = (
+        id(formulations),
+        _SETTINGS["forced"],
+        _SETTINGS["gram"],
+        key,
+        device_costs(device),
+        windows.small_window_limit(device),
+    )
     formulations, options, cheapest = _CANDIDATES.get_or_create(
         options_key, lambda: _rank(formulations, shapes, dtype, device)
     )
