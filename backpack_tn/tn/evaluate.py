@@ -42,6 +42,7 @@ from torch import Tensor
 
 from backpack_tn.tn import windows
 from backpack_tn.tn.cache import LRUCache
+from backpack_tn.tn.devices import is_cuda
 from backpack_tn.tn.gram import product_fraction, symmetric_gram
 from backpack_tn.tn.network import Operand, TensorNetwork
 from backpack_tn.tn.patterns import index_pattern
@@ -109,7 +110,7 @@ CUDA_COSTS = DeviceCosts(copy=128.0, call=1e9, slack=2e10)
 
 def device_costs(device: torch.device) -> DeviceCosts:
     """The cost-model constants for ``device`` (the CPU's are read at call time)."""
-    if torch.device(device).type == "cuda":
+    if is_cuda(device):
         return CUDA_COSTS
     return DeviceCosts(COPY_COST, CALL_COST, AUTOTUNE_SLACK)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from backpack_tn.tn.devices import is_cuda
+
 #: Rows per block below which blocks stop paying: thinner GEMMs run less efficiently,
 #: and every block adds two torch calls.
 MIN_BLOCK_ROWS = 128
@@ -36,7 +38,7 @@ def default_blocks(rows: int, inner: int, device=None) -> int:
     ~10–25 µs (measured per torch call on an H100, ``docs/benchmarks.md``), the time
     of ~10⁹ multiply-adds, more than the halved products of a KFAC factor save.
     """
-    if inner < MIN_INNER or _is_cuda(device):
+    if inner < MIN_INNER or is_cuda(device):
         return 1
     return max(1, min(MAX_BLOCKS, rows // MIN_BLOCK_ROWS))
 
@@ -81,10 +83,6 @@ def symmetric_gram(u: Tensor, blocks: int | None = None) -> Tensor:
         if stop < rows:  # the mirror image below the diagonal block
             out[:, stop:, start:stop] = band[:, :, stop - start :].transpose(1, 2)
     return out
-
-
-def _is_cuda(device) -> bool:
-    return device is not None and torch.device(device).type == "cuda"
 
 
 __all__ = [

@@ -25,10 +25,10 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from backpack_tn.tn.devices import is_cuda
 from backpack_tn.tn.network import DimPlan, Operand, TensorNetwork
 from backpack_tn.tn.views import gather_rows
 
@@ -328,7 +328,7 @@ SMALL_WINDOW_ELEMENTS_PER_TAP_CUDA = 1 << 24
 
 def small_window_limit(device=None) -> int:
     """:data:`SMALL_WINDOW_ELEMENTS_PER_TAP` for ``device`` (read at call time)."""
-    if device is not None and torch.device(device).type == "cuda":
+    if is_cuda(device):
         return SMALL_WINDOW_ELEMENTS_PER_TAP_CUDA
     return SMALL_WINDOW_ELEMENTS_PER_TAP
 
