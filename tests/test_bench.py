@@ -175,6 +175,46 @@ def test_round_order_balances_predecessors():
     assert len(follows) == 6 and max(follows.values()) == min(follows.values())
 
 
+def test_memory_is_the_least_reading_over_rotated_rounds(monkeypatch):
+    """Each function is read once per round, orders rotate, the least reading stays."""
+    calls, readings = [], {"a": [30, 10], "b": [20, 25], "c": [5, 50]}
+
+    def fake_peak(fn, device):
+        name = fn()
+        calls.append(name)
+        return readings[name][sum(c == name for c in calls) - 1]
+
+    monkeypatch.setattr(measure, "peak_memory", fake_peak)
+    fns = {name: (lambda n=name: n) for name in "abc"}
+    peaks = measure.min_peak_memories(fns, torch.device("cpu"), rounds=2)
+    assert peaks == {"a": 10, "b": 20, "c": 5}
+    assert calls[:3] == measure._round_order(list("abc"), 0)
+    assert calls[3:] == measure._round_order(list("abc"), 1) != calls[:3]
+    # a platform without measurement gives None, not a number
+    monkeypatch.setattr(measure, "peak_memory", lambda fn, device: None)
+    assert measure.min_peak_memories(fns, torch.device("cpu")) == dict.fromkeys("abc")
+    with pytest.raises(ValueError, match="rounds"):
+        measure.min_peak_memories(fns, torch.device("cpu"), rounds=0)
+
+
+def test_bench_command_measures_memory_per_implementation(tmp_path):
+    """Memory rows land on their own implementation; real readings on Linux."""
+    out = tmp_path / "run.json"
+    argv = ["--models", "2c2d", "--max-layers", "1", "--ops", "forward"]
+    argv += ["--batch-size", "4", "--repeats", "1", "--no-plain", "--json", str(out)]
+    assert bench_main([*argv, "--memory-rounds", "2"]) == 0
+    rows = {r["implementation"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"tn", "torch", "einconv"}
+    if not measure.cpu_memory_supported():
+        assert all(r["memory_bytes"] is None for r in rows.values())
+        return
+    # the forward's result alone is 4·32·28·28 floats; einconv's einsum holds more
+    result_bytes = 4 * 32 * 28 * 28 * 4
+    for row in rows.values():
+        assert row["memory_bytes"] >= 0.9 * result_bytes
+    assert rows["einconv"]["memory_bytes"] > rows["torch"]["memory_bytes"]
+
+
 def _run_file(path, times, layers=("a",), batch_size=8, operations=("kfac_expand",)):
     results = [
         dict(

@@ -63,6 +63,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip memory")
+    parser.add_argument(
+        "--memory-rounds",
+        type=int,
+        default=2,
+        help="memory readings per implementation, least kept (noise only adds)",
+    )
     parser.add_argument("--no-plain", action="store_true", help="skip simplify=False")
     parser.add_argument("--json", help="write the measurements to this JSON file")
     parser.add_argument(
@@ -91,6 +97,7 @@ def main(argv=None) -> int:
         args.repeats,
         measure_memory=not args.no_memory,
         with_plain=not args.no_plain,
+        memory_rounds=args.memory_rounds,
     )
     meta = {
         "device": torch.cuda.get_device_name(device)

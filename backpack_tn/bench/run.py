@@ -17,7 +17,7 @@ from backpack_tn.bench.baselines import (
     tn_implementation,
 )
 from backpack_tn.bench.layers import Layer
-from backpack_tn.bench.measure import interleaved_medians, peak_memory
+from backpack_tn.bench.measure import interleaved_medians, min_peak_memories
 
 
 @dataclass
@@ -65,6 +65,7 @@ def run_layers(
     repeats: int,
     measure_memory: bool = True,
     with_plain: bool = True,
+    memory_rounds: int = 2,
 ) -> List[Measurement]:
     """Time (and measure memory of) every implementation of every operation.
 
@@ -72,6 +73,8 @@ def run_layers(
     channel-group convention; the relative deviation is recorded. All timings run
     before any memory measurement, because measuring CPU memory changes how the
     allocator serves large blocks (see :mod:`backpack_tn.bench.measure`).
+    Memory is the least of ``memory_rounds`` readings per implementation, taken in
+    rotated order (:func:`backpack_tn.bench.measure.min_peak_memories`).
     """
     operations = list(operations)
     results: List[Measurement] = []
@@ -120,10 +123,16 @@ def run_layers(
             problem = make_problem(layer, batch_size, classes, dtype, device)
             for op in operations:
                 bar.set_postfix_str(f"memory {layer.name} {op}")
-                for _, (fn, _) in implementations(op, problem, with_plain).items():
-                    next(measured).memory_bytes = peak_memory(
-                        partial(fn, problem), device
-                    )
+                impls = implementations(op, problem, with_plain)
+                peaks = min_peak_memories(
+                    {name: partial(fn, problem) for name, (fn, _) in impls.items()},
+                    device,
+                    memory_rounds,
+                )
+                for name in impls:
+                    row = next(measured)
+                    assert row.implementation == name and row.operation == op
+                    row.memory_bytes = peaks[name]
                 bar.update()
             del problem
     bar.close()
