@@ -445,3 +445,20 @@ def test_calibrate_max_cost_default_per_device(device, bound, monkeypatch, tmp_p
     assert json.loads(out.read_text())["rows"] == [row]
     assert calibrate.main([*args[:-2], "--max-cost", "5"]) == 0
     assert seen["max_cost"] == 5.0
+
+
+def test_model_bench_reports_first_calls(capsys):
+    """Model level: every pass is timed on its first call and in steady state."""
+    from backpack_tn.bench.models import main as models_main
+
+    argv = ["--model", "allcnnc", "--batch-size", "2", "--repeats", "1"]
+    assert models_main([*argv, "--extensions", "BatchGrad", "--no-memory"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| extension"))
+    assert header.split("|")[-3:-1] == [
+        " stock first call [ms] ",
+        " backpack_tn first call [ms] ",
+    ]
+    row = next(line for line in lines if line.startswith("| BatchGrad"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert all(float(c) > 0 for c in cells[1:3] + cells[-2:])  # times in ms

@@ -843,6 +843,19 @@ _MIN_MEASURE_SECONDS = 0.02
 _MIN_ROUNDS = 2
 _MAX_ROUNDS = 10
 
+#: A run at least this long is its own sample: no warm-up run before it. Its
+#: one-time costs are a small part of it, and buffers this large (beyond glibc's
+#: 32 MB mmap threshold) are faulted in afresh on every call anyway. Warming up
+#: doubled the first call of long candidates: ``DiagGGNExact`` on ResNet-18
+#: (batch 8, one thread) took 63 s the first time against 11 s afterwards.
+_LONG_RUN_SECONDS = 0.05
+
+#: After a sample of at least ``_MIN_MEASURE_SECONDS``, a candidate this many times
+#: slower than the fastest is not run again: more samples could not make it
+#: competitive (the spread of repeated runs is ~10 %), and each costs a run of the
+#: slowest candidate.
+_CLEARLY_SLOWER = 1.5
+
 #: Runs measured within this fraction of the fastest count as equally fast (the
 #: spread of repeated measurements here) ...
 TIME_TIE = 0.1
@@ -888,6 +901,15 @@ def prefer_memory(
     return leanest if memory[leanest] <= saving * memory[best] else best
 
 
+def _dropped(time_i: float, fastest: float) -> bool:
+    """Whether a candidate with best time ``time_i`` needs no more samples.
+
+    Only samples of at least :data:`_MIN_MEASURE_SECONDS` are trusted this far:
+    single runs of sub-millisecond candidates swing by more than the margin.
+    """
+    return time_i >= _MIN_MEASURE_SECONDS and time_i > _CLEARLY_SLOWER * fastest
+
+
 def _time_interleaved(
     runs: Sequence[Callable[[], Tensor]],
     device: torch.device,
@@ -895,32 +917,44 @@ def _time_interleaved(
 ) -> Tuple[Tensor, int]:
     """Time equivalent runs in interleaved rounds; return the chosen result and index.
 
-    Each round runs every candidate twice and times the second run (the first pays
-    one-time costs: fresh allocations, cold caches). Planning time (first use of an
-    einsum expression) is discounted. The fastest run is chosen, or the one ``choose``
-    picks given each run's fastest time (e.g. :func:`prefer_memory`). At most two
-    results are alive at once: the fastest run's so far and the one being timed.
+    In each round a candidate runs once, timed; if that run was short (under
+    :data:`_LONG_RUN_SECONDS`) it only warmed up, and a second run is timed (the
+    first pays one-time costs: fresh allocations, cold caches). Candidates
+    :data:`_CLEARLY_SLOWER` than the fastest drop out after a round
+    (:func:`_dropped`); a round is
+    skipped when the only candidate left is the fastest. Planning time (first use of
+    an einsum expression) is discounted. The fastest run is chosen, or the one
+    ``choose`` picks given each run's fastest time (e.g. :func:`prefer_memory`). At
+    most two results are alive at once: the fastest run's so far and the one being
+    timed.
     """
     spent = [0.0] * len(runs)
     best = [math.inf] * len(runs)
     winner, winner_time, winner_result = 0, math.inf, None
+
+    def timed_run(i: int) -> Tuple[Tensor, float]:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start, planning = time.perf_counter(), _PLANNING_SECONDS[0]
+        result = runs[i]()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return result, time.perf_counter() - start - (_PLANNING_SECONDS[0] - planning)
+
     for rounds in range(_MAX_ROUNDS):
         timed = [
             i
             for i in range(len(runs))
-            if rounds < _MIN_ROUNDS or spent[i] < _MIN_MEASURE_SECONDS
+            if (rounds < _MIN_ROUNDS or spent[i] < _MIN_MEASURE_SECONDS)
+            and not _dropped(best[i], winner_time)
         ]
-        if not timed:
+        if not timed or (rounds > 0 and timed == [winner]):
             break
         for i in timed if rounds % 2 == 0 else reversed(timed):
-            runs[i]()  # untimed: warms this candidate's buffers and caches
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start, planning = time.perf_counter(), _PLANNING_SECONDS[0]
-            result = runs[i]()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - start - (_PLANNING_SECONDS[0] - planning)
+            result, elapsed = timed_run(i)
+            if elapsed < _LONG_RUN_SECONDS:  # that run only warmed up: time another
+                del result
+                result, elapsed = timed_run(i)
             spent[i] += elapsed
             best[i] = min(best[i], elapsed)
             if elapsed < winner_time:
