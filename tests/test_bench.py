@@ -447,12 +447,17 @@ def test_calibrate_max_cost_default_per_device(device, bound, monkeypatch, tmp_p
     assert seen["max_cost"] == 5.0
 
 
-def test_model_bench_reports_first_calls(capsys):
-    """Model level: every pass is timed on its first call and in steady state."""
-    from backpack_tn.bench.models import main as models_main
+def test_model_bench_reports_first_calls(capsys, monkeypatch):
+    """Model level: every pass is timed on its first call and in steady state;
+    backpack_tn's first call of each extension starts from empty caches."""
+    from backpack_tn.bench import models
 
+    cleared = []
+    monkeypatch.setattr(models, "clear_caches", lambda: cleared.append(True))
     argv = ["--model", "allcnnc", "--batch-size", "2", "--repeats", "1"]
-    assert models_main([*argv, "--extensions", "BatchGrad", "--no-memory"]) == 0
+    argv += ["--extensions", "BatchGrad", "SumGradSquared", "--no-memory"]
+    assert models.main(argv) == 0
+    assert len(cleared) == 2  # once per backpack_tn extension, never for stock
     lines = capsys.readouterr().out.splitlines()
     header = next(line for line in lines if line.startswith("| extension"))
     assert header.split("|")[-3:-1] == [

@@ -106,8 +106,10 @@ def min_peak_memories(
     every implementation alike; the extra comes from whatever the call before left
     mapped), and which implementation happens to be measured first after a new
     problem is set up decides who pays it. Each round measures every function once,
-    in the rotated order of :func:`interleaved_medians`; the least reading per
-    function is its steady-state peak — noise only ever adds memory.
+    in the order of :func:`interleaved_medians`' rounds (rotated, reversed every
+    other round); the least reading per function is taken as its steady-state peak.
+    That assumes noise only adds memory; a call that frees memory alive before it
+    (e.g. a cache evicting an entry) would read low, in any single reading as well.
 
     Args:
         fns: Zero-argument functions by name.

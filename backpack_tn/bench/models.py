@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 import backpack_tn.extensions as tne
+from backpack_tn import clear_caches
 from backpack_tn.bench.measure import median_time, peak_memory
 
 
@@ -86,9 +87,10 @@ def first_call_time(fn: Callable[[], object], device: torch.device) -> float:
 def run(args) -> List[dict]:
     """Time and measure every (extension, implementation) pair.
 
-    Each pass is timed once on its first call (the autotuning call for
-    ``backpack_tn``; caches of earlier jobs in the list stay warm) and then as the
-    median of ``args.repeats`` calls.
+    Each pass is timed once on its first call and then as the median of
+    ``args.repeats`` calls. ``backpack_tn``'s caches are emptied before its first
+    call of each extension, so that call autotunes every problem afresh, as in a new
+    process.
     """
     torch.manual_seed(0)
     model = MODELS[args.model]().to(args.device)
@@ -124,6 +126,8 @@ def run(args) -> List[dict]:
     rows = []
     for extension, implementation, factory in tqdm(jobs, desc="time", leave=False):
         try:
+            if implementation == "backpack_tn":  # a first call: nothing tuned yet
+                clear_caches()
             first = first_call_time(partial(backward, factory), device)
             seconds = median_time(
                 partial(backward, factory), device, args.repeats, warmup=0

@@ -832,11 +832,12 @@ _TUNED: LRUCache[int] = LRUCache("autotune", maxsize=1024)
 #: Autotuning times the candidates in interleaved rounds (A B, B A, A B, ...): at
 #: least ``_MIN_ROUNDS`` of them; after that, candidates that have not yet spent
 #: ``_MIN_MEASURE_SECONDS`` (cheap ones, whose single runs are noisy) run more rounds,
-#: at most ``_MAX_ROUNDS`` in all. In a round each candidate runs twice in a row and
-#: the second run is timed: right after another candidate freed its buffers, a run
-#: pays page faults and cold caches that say nothing about repeated calls of that
-#: candidate (timed alone, such first runs made the engine keep a 1.6x slower
-#: candidate). A candidate's fastest timed run counts. Timing one candidate after the
+#: at most ``_MAX_ROUNDS`` in all. In a round a short candidate runs twice in a row
+#: and the second run is timed: right after another candidate freed its buffers, a
+#: run pays page faults and cold caches that say nothing about repeated calls of
+#: that candidate (timed alone, such first runs made the engine keep a 1.6x slower
+#: candidate). A long one runs once (``_LONG_RUN_SECONDS``). A candidate's fastest
+#: timed run counts. Timing one candidate after the
 #: other instead of interleaving let a noisy spell (another process) hit one
 #: candidate only and fix a wrong choice for the rest of the process.
 _MIN_MEASURE_SECONDS = 0.02
@@ -844,17 +845,11 @@ _MIN_ROUNDS = 2
 _MAX_ROUNDS = 10
 
 #: A run at least this long is its own sample: no warm-up run before it. Its
-#: one-time costs are a small part of it, and buffers this large (beyond glibc's
-#: 32 MB mmap threshold) are faulted in afresh on every call anyway. Warming up
-#: doubled the first call of long candidates: ``DiagGGNExact`` on ResNet-18
-#: (batch 8, one thread) took 63 s the first time against 11 s afterwards.
+#: one-time costs are a small part of it, and the candidate's second round (every
+#: candidate has at least two) is not its first run any more. Warming up doubled
+#: the first call of long candidates: ``DiagGGNExact`` on ResNet-18 (batch 8, one
+#: thread) took 63 s the first time against 11 s afterwards.
 _LONG_RUN_SECONDS = 0.05
-
-#: After a sample of at least ``_MIN_MEASURE_SECONDS``, a candidate this many times
-#: slower than the fastest is not run again: more samples could not make it
-#: competitive (the spread of repeated runs is ~10 %), and each costs a run of the
-#: slowest candidate.
-_CLEARLY_SLOWER = 1.5
 
 #: Runs measured within this fraction of the fastest count as equally fast (the
 #: spread of repeated measurements here) ...
@@ -901,15 +896,6 @@ def prefer_memory(
     return leanest if memory[leanest] <= saving * memory[best] else best
 
 
-def _dropped(time_i: float, fastest: float) -> bool:
-    """Whether a candidate with best time ``time_i`` needs no more samples.
-
-    Only samples of at least :data:`_MIN_MEASURE_SECONDS` are trusted this far:
-    single runs of sub-millisecond candidates swing by more than the margin.
-    """
-    return time_i >= _MIN_MEASURE_SECONDS and time_i > _CLEARLY_SLOWER * fastest
-
-
 def _time_interleaved(
     runs: Sequence[Callable[[], Tensor]],
     device: torch.device,
@@ -919,14 +905,12 @@ def _time_interleaved(
 
     In each round a candidate runs once, timed; if that run was short (under
     :data:`_LONG_RUN_SECONDS`) it only warmed up, and a second run is timed (the
-    first pays one-time costs: fresh allocations, cold caches). Candidates
-    :data:`_CLEARLY_SLOWER` than the fastest drop out after a round
-    (:func:`_dropped`); a round is
-    skipped when the only candidate left is the fastest. Planning time (first use of
-    an einsum expression) is discounted. The fastest run is chosen, or the one
-    ``choose`` picks given each run's fastest time (e.g. :func:`prefer_memory`). At
-    most two results are alive at once: the fastest run's so far and the one being
-    timed.
+    first pays one-time costs: fresh allocations, cold caches). Every candidate gets
+    at least :data:`_MIN_ROUNDS` samples, so a long candidate's cold first run is
+    never its only one. Planning time (first use of an einsum expression) is
+    discounted. The fastest run is chosen, or the one ``choose`` picks given each
+    run's fastest time (e.g. :func:`prefer_memory`). At most two results are alive
+    at once: the fastest run's so far and the one being timed.
     """
     spent = [0.0] * len(runs)
     best = [math.inf] * len(runs)
@@ -945,10 +929,9 @@ def _time_interleaved(
         timed = [
             i
             for i in range(len(runs))
-            if (rounds < _MIN_ROUNDS or spent[i] < _MIN_MEASURE_SECONDS)
-            and not _dropped(best[i], winner_time)
+            if rounds < _MIN_ROUNDS or spent[i] < _MIN_MEASURE_SECONDS
         ]
-        if not timed or (rounds > 0 and timed == [winner]):
+        if not timed:
             break
         for i in timed if rounds % 2 == 0 else reversed(timed):
             result, elapsed = timed_run(i)
