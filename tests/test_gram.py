@@ -97,15 +97,55 @@ def test_kfac_expand_as_a_gram_over_the_grid(case: Case, strategy, monkeypatch):
 
 def test_gram_form_only_for_gram_networks():
     geometry = make_geometry((8, 8), 3, 1, 1)
-    window = [
-        net
-        for net in networks("kfac_input", geometry, approx="expand")
-        if net.strategy == "window"
-    ]
-    assert window and all(gram_form(net) is not None for net in window)
-    for op, options in [("kfac_input", {"approx": "reduce"}), ("forward", {})]:
+    for approx in ("expand", "reduce"):
+        window = [
+            net
+            for net in networks("kfac_input", geometry, approx=approx)
+            if net.strategy == "window"
+        ]
+        forms = [gram_form(net) for net in window]
+        assert window and all(form is not None for form in forms)
+        # KFAC-reduce: each operand sums its own output positions first
+        assert all(bool(form[3]) == (approx == "reduce") for form in forms)
+    for op, options in [("forward", {}), ("input_vjp", {}), ("batch_l2", {})]:
         for net in networks(op, geometry, **options):
             assert gram_form(net) is None, (op, net.equation)
+    # pattern networks of KFAC-reduce have more than two operands
+    for net in networks("kfac_input", geometry, approx="reduce"):
+        if net.strategy == "pattern":
+            assert gram_form(net) is None, net.equation
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("strategy", [None, "window", "pattern"])
+def test_kfac_reduce_as_a_gram_of_summed_windows(case: Case, strategy, monkeypatch):
+    """KFAC-reduce: where both operands are one window view (or strided view) of
+    the input, its output positions are summed once and the rest is a Gram; the
+    factor equals the unfold reference either way, with Gram recognition on or
+    off."""
+    x = case.input()
+    u = grouped_unfold(case, x).mean(-1)  # [N, G, C/G·K]
+    expected = torch.einsum("ngi,ngj->gij", u, u) / x.shape[0]
+    grams = []
+
+    def counted(matrix, blocks=None):
+        grams.append(matrix.shape)
+        return symmetric_gram(matrix, blocks)
+
+    monkeypatch.setattr(evaluate_module, "symmetric_gram", counted)
+    for recognised in (True, False):
+        with gram_recognition(recognised), force_strategy(strategy):
+            result = tnf.kfac_input_factor(
+                x,
+                case.kernel_size,
+                approx="reduce",
+                groups_mode="separate",
+                **case.hyper,
+            )
+        close(result, expected)
+    if strategy == "window" and case.padding_mode == "zeros":
+        # N samples are the inner dimension of the Gram, the patch the rows
+        assert grams and all(shape[-1] == x.shape[0] for shape in grams)
 
 
 def test_gram_recognition_can_be_switched_off():

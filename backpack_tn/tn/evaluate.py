@@ -475,8 +475,11 @@ def _contract(net: TensorNetwork, operands: list, epilogue: bool = True) -> Tens
     return _square_sum(net, result, operands)
 
 
+GramForm = Tuple[Tuple[int, ...], int, int, Tuple[int, ...]]
+
+
 @lru_cache(maxsize=1024)
-def gram_form(net: TensorNetwork) -> Optional[Tuple[Tuple[int, ...], int, int]]:
+def gram_form(net: TensorNetwork) -> Optional[GramForm]:
     """Whether ``net`` is the Gram matrix of one operand: ``T Tᵀ`` per batch index.
 
     That is two operands reading one source the same way, whose axes agree except
@@ -485,11 +488,16 @@ def gram_form(net: TensorNetwork) -> Optional[Tuple[Tuple[int, ...], int, int]]:
     ``Σ_{n,o} u uᵀ``. A GEMM computes both triangles of the symmetric result;
     :func:`~backpack_tn.tn.gram.symmetric_gram` about half of the products.
 
+    A renamed axis that is not in the result is summed by each operand on its own
+    (KFAC-reduce: ``Σ_n (Σ_o u)(Σ_o' u)ᵀ``). Summed once on the shared operand, it
+    leaves a Gram matrix; ``torch.einsum`` would sum it once per operand.
+
     Args:
         net: A network.
 
     Returns:
-        ``(perm, batch axes, row axes)``: ``perm`` orders the operand's axes as
+        ``(perm, batch axes, row axes, presum)``: ``presum`` are the operand's axes
+        summed first; ``perm`` orders the remaining axes as
         ``(batch…, rows…, summed…)``; or ``None``.
     """
     if len(net.operands) != 2 or net.square_sum:
@@ -505,18 +513,27 @@ def gram_form(net: TensorNetwork) -> Optional[Tuple[Tuple[int, ...], int, int]]:
     partner = {x: y for x, y in zip(axes_a, axes_b) if x != y}
     if set(partner.values()) & set(axes_a):
         return None
+    # renamed on both sides and in neither result: each operand sums its own
+    own = [x for x in axes_a if x in partner and x not in out]
+    if any(partner[x] in out for x in own):
+        return None
+    partner = {x: y for x, y in partner.items() if x not in own}
     batch = [x for x in out if x in axes_a and x not in partner]
     rows = [x for x in out if x in partner]
-    summed = [x for x in axes_a if x not in partner and x not in out]
+    kept = [x for x in axes_a if x not in own]
+    summed = [x for x in kept if x not in partner and x not in out]
     if out != batch + rows + [partner[x] for x in rows] or len(rows) != len(partner):
         return None
-    perm = tuple(axes_a.index(x) for x in batch + rows + summed)
-    return perm, len(batch), len(rows)
+    perm = tuple(kept.index(x) for x in batch + rows + summed)
+    presum = tuple(axes_a.index(x) for x in own)
+    return perm, len(batch), len(rows), presum
 
 
-def _gram(tensor: Tensor, form: Tuple[Tuple[int, ...], int, int]) -> Tensor:
+def _gram(tensor: Tensor, form: GramForm) -> Tensor:
     """The Gram network's result for its one operand (see :func:`gram_form`)."""
-    perm, num_batch, num_rows = form
+    perm, num_batch, num_rows, presum = form
+    if presum:
+        tensor = tensor.sum(presum)
     tensor = tensor.permute(perm)  # the identity for operands in GEMM layout
     batch = tensor.shape[:num_batch]
     rows = tensor.shape[num_batch : num_batch + num_rows]
@@ -690,11 +707,19 @@ def candidates(
         base = plan.flops + epilogue
         form = gram_form(net) if _SETTINGS["gram"] else None
         if form is not None:  # evaluated as a symmetric Gram: fewer products
-            perm, num_batch, num_rows = form
-            shape = op_shapes[0]
+            perm, num_batch, num_rows, presum = form
+            shape = [n for i, n in enumerate(op_shapes[0]) if i not in presum]
+            batch = math.prod(shape[i] for i in perm[:num_batch])
             rows = math.prod(shape[i] for i in perm[num_batch:][:num_rows])
             inner = math.prod(shape[i] for i in perm[num_batch + num_rows :])
-            base = plan.flops * product_fraction(rows, inner, device) + epilogue
+            if presum:  # one sum of the operand, then the Gram of what is left
+                products = 2.0 * batch * rows * rows * inner
+                base = math.prod(op_shapes[0]) + products * product_fraction(
+                    rows, inner, device
+                )
+            else:
+                base = plan.flops * product_fraction(rows, inner, device)
+            base += epilogue
         classes = _class_axis(net)
         # batching over samples, one contraction copies S [V, N, ...] to [N, V, ...]
         s_copy = math.prod(op_shapes[classes[0]]) if classes else 0
