@@ -467,3 +467,34 @@ def test_model_bench_reports_first_calls(capsys, monkeypatch):
     row = next(line for line in lines if line.startswith("| BatchGrad"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert all(float(c) > 0 for c in cells[1:3] + cells[-2:])  # times in ms
+
+
+@pytest.mark.parametrize("suite", ["models", "kfac"])
+def test_model_level_memory_is_read_per_pass(suite, capsys, monkeypatch):
+    """Both model-level suites read memory in rotated rounds, one column per pass."""
+    import importlib
+
+    module = importlib.import_module(f"backpack_tn.bench.{suite}")
+    seen = []
+
+    def fake(fns, device, rounds):  # records what is measured, returns its index
+        seen.append((sorted(fns), rounds))
+        return {key: (key + 1) * 2**20 for key in fns}
+
+    monkeypatch.setattr(module, "min_peak_memories", fake)
+    argv = ["--model", "allcnnc", "--batch-size", "2", "--repeats", "1"]
+    argv += ["--memory-rounds", "3"]
+    if suite == "models":
+        argv += ["--extensions", "BatchGrad"]  # jobs: plain, stock, backpack_tn
+    else:
+        argv += ["--jobs", "KFAC-reduce"]  # jobs: curvlinops, backpack_tn
+    assert module.main(argv) == 0
+    jobs = 3 if suite == "models" else 2
+    assert seen == [(list(range(jobs)), 3)]
+    lines = capsys.readouterr().out.splitlines()
+    row = next(
+        r for r in lines if r.startswith("| BatchGrad" if jobs == 3 else "| KFAC")
+    )
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    # stock and backpack_tn peaks: the readings of the last two jobs, in MiB
+    assert cells[4:6] == [str(jobs - 1), str(jobs)]

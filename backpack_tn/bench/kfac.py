@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-from functools import partial
 from typing import Callable, Dict, List
 
 import curvlinops
@@ -24,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from backpack_tn import linops
-from backpack_tn.bench.measure import median_time, peak_memory
+from backpack_tn.bench.measure import median_time, min_peak_memories
 from backpack_tn.bench.models import all_cnn_c
 
 
@@ -96,11 +95,13 @@ def run(args) -> List[dict]:
         rows.append(
             dict(job=job, implementation=impl, time_s=seconds, memory_bytes=None)
         )
-    if args.memory:
-        for row in tqdm(rows, desc="memory", leave=False):
-            row["memory_bytes"] = peak_memory(
-                partial(calls[(row["job"], row["implementation"])]), device
-            )
+    if args.memory:  # the least of args.memory_rounds readings, rotated order
+        measured = {
+            i: calls[(r["job"], r["implementation"])] for i, r in enumerate(rows)
+        }
+        peaks = min_peak_memories(measured, device, args.memory_rounds)
+        for i, peak in peaks.items():
+            rows[i]["memory_bytes"] = peak
     return rows
 
 
@@ -143,6 +144,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument(
+        "--memory-rounds",
+        type=int,
+        default=2,
+        help="memory readings per pass, least kept (noise only adds)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = run(args)
