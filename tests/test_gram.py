@@ -17,6 +17,7 @@ from backpack_tn.tn.evaluate import (
     get_memory_budget,
     gram_form,
     gram_recognition,
+    halves_form,
     set_memory_budget,
 )
 from backpack_tn.tn.gram import MIN_BLOCK_ROWS, symmetric_gram
@@ -155,3 +156,85 @@ def test_gram_recognition_can_be_switched_off():
     with gram_recognition(False):
         close(tnf.kfac_input_factor(x, 3, stride=2, padding=1), expected)
     close(tnf.kfac_input_factor(x, 3, stride=2, padding=1), expected)
+
+
+def test_halves_form_only_for_symmetric_networks():
+    """Pattern networks of both KFAC factors are Gram matrices of their first half;
+    no other operation's network is (the batch L2 Gram form squares a product of
+    two different operands per side)."""
+    geometry = make_geometry((8, 8), 3, 2, 1)
+    for approx in ("expand", "reduce"):
+        pattern = [
+            net
+            for net in networks("kfac_input", geometry, approx=approx)
+            if net.strategy == "pattern"
+        ]
+        assert pattern and all(halves_form(net) is not None for net in pattern)
+    for op, options in [
+        ("forward", {}),
+        ("input_vjp", {}),
+        ("batch_l2", {}),
+        ("weight_vjp", {"per_sample": True}),
+        ("diag_ggn", {"per_sample": False}),
+    ]:
+        for net in networks(op, geometry, **options):
+            assert halves_form(net) is None, (op, net.equation)
+    # halves reading different patterns are not a Gram matrix
+    (net,) = [
+        n
+        for n in networks("kfac_input", geometry, approx="expand")
+        if n.strategy == "pattern"
+    ]
+    other = make_geometry((8, 8), 3, 1, 1)
+    (moved,) = [
+        n
+        for n in networks("kfac_input", other, approx="expand")
+        if n.strategy == "pattern"
+    ]
+    half = len(net.operands) // 2
+    mixed = replace(net, operands=net.operands[:half] + moved.operands[half:])
+    assert halves_form(mixed) is None
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_kfac_pattern_networks_as_the_gram_of_a_half(case: Case, approx, monkeypatch):
+    """The pattern network of a KFAC factor contracts one half (the unfolded or
+    averaged input) and takes its symmetric Gram: the same factor as unfold, whole
+    batch or in chunks, and as with Gram recognition off."""
+    x = case.input()
+    u = grouped_unfold(case, x)  # [N, G, C/G·K, O]
+    if approx == "reduce":
+        u = u.mean(-1, keepdim=True)
+    expected = torch.einsum("ngio,ngjo->gij", u, u) / x.shape[0]
+    halves = []
+
+    def counted(form, operands, dtype, device):
+        halves.append(form)
+        return halves_gram(form, operands, dtype, device)
+
+    halves_gram = evaluate_module._halves_gram
+    monkeypatch.setattr(evaluate_module, "_halves_gram", counted)
+    budget = get_memory_budget()
+    try:
+        for limit, recognised in ((budget, True), (1, True), (budget, False)):
+            set_memory_budget(limit)
+            with gram_recognition(recognised), force_strategy("pattern"):
+                result = tnf.kfac_input_factor(
+                    x,
+                    case.kernel_size,
+                    approx=approx,
+                    groups_mode="separate",
+                    **case.hyper,
+                )
+            close(result, expected)
+    finally:
+        set_memory_budget(budget)
+    patterns = [
+        net
+        for net in networks("kfac_input", case.geometry(), approx=approx)
+        if net.strategy == "pattern"
+    ]
+    # used wherever a pattern network has halves (1×1 layers have two operands:
+    # gram_form's case)
+    assert bool(halves) == any(halves_form(net) is not None for net in patterns)

@@ -466,6 +466,9 @@ def _contract(net: TensorNetwork, operands: list, epilogue: bool = True) -> Tens
         form = gram_form(net)
         if form is not None:
             return _gram(operands[0], form)
+    halves = halves_form(net) if _SETTINGS["gram"] else None
+    if halves is not None and _same_halves(operands, halves):
+        return _halves_gram(halves, operands, operands[0].dtype, operands[0].device)
     tensor = operands[0]
     shapes = [tuple(o.shape) for o in operands]
     plan = _plan(net.equation, shapes, tensor.dtype, tensor.device)
@@ -538,6 +541,107 @@ def _gram(tensor: Tensor, form: GramForm) -> Tensor:
     batch = tensor.shape[:num_batch]
     rows = tensor.shape[num_batch : num_batch + num_rows]
     # a copy only where the operand is not laid out for the GEMM (e.g. 1×1 layers)
+    matrix = tensor.reshape(math.prod(batch), math.prod(rows), -1)
+    return symmetric_gram(matrix).reshape(*batch, *rows, *rows)
+
+
+@dataclass(frozen=True)
+class HalvesForm:
+    """A network that is the Gram matrix of its first half's result.
+
+    See :func:`halves_form`.
+
+    Attributes:
+        half: Number of operands in each half.
+        equation: Einsum equation of the first half, with result
+            ``(batch…, rows…, inner…)``.
+        num_batch: Number of batch axes.
+        num_rows: Number of row axes.
+    """
+
+    half: int
+    equation: str
+    num_batch: int
+    num_rows: int
+
+
+@lru_cache(maxsize=1024)
+def halves_form(net: TensorNetwork) -> Optional[HalvesForm]:
+    """Whether ``net`` is ``T Tᵀ`` for ``T`` the contraction of its first half.
+
+    The second half of the operands must read the same sources, views and index
+    patterns as the first, with renamed *row* axes and renamed private ones. Then
+    ``T`` keeps the axes the halves share (batch axes in the result, the *inner*
+    axes summed between them) and the row axes, and the network is ``T``'s Gram
+    matrix over the inner axes. The KFAC-reduce pattern network
+    ``x, Π, Π, x', Π', Π' -> rows, rows'`` is one: ``torch.einsum`` would contract
+    the same half twice, then multiply.
+
+    Args:
+        net: A network.
+
+    Returns:
+        The form, or ``None`` (also for two operands: see :func:`gram_form`).
+    """
+    ops = net.operands
+    if len(ops) < 4 or len(ops) % 2 or net.square_sum:
+        return None
+    half = len(ops) // 2
+    for a, b in zip(ops[:half], ops[half:]):
+        if (a.source, a.views, a.pattern) != (b.source, b.views, b.pattern):
+            return None
+    inputs, out = net.equation.split("->")
+    terms = inputs.split(",")
+    first, second = "".join(terms[:half]), "".join(terms[half:])
+    partner: Dict[str, str] = {}
+    for ta, tb in zip(terms[:half], terms[half:]):
+        if len(ta) != len(tb):
+            return None
+        for x, y in zip(ta, tb):
+            if partner.setdefault(x, y) != y:
+                return None
+    renamed = {x: y for x, y in partner.items() if x != y}
+    if set(renamed.values()) & set(first) or set(renamed) & set(second):
+        return None
+    shared = [x for x in dict.fromkeys(first) if x not in renamed]
+    batch = [x for x in out if x in shared]
+    rows = [x for x in out if x in renamed]
+    if list(out) != batch + rows + [renamed[x] for x in rows]:
+        return None
+    inner = [x for x in shared if x not in out]
+    equation = f"{','.join(terms[:half])}->{''.join(batch + rows + inner)}"
+    return HalvesForm(half, equation, len(batch), len(rows))
+
+
+def _halves_cost(
+    form: HalvesForm, net: TensorNetwork, op_shapes: list, dtype, device
+) -> Tuple[float, int]:
+    """FLOPs and torch calls of evaluating ``net`` by :func:`_halves_gram`."""
+    terms = net.equation.split("->")[0].split(",")
+    size = {c: n for t, s in zip(terms, op_shapes) for c, n in zip(t, s)}
+    letters = form.equation.split("->")[1]
+    counts = (form.num_batch, form.num_rows)
+    batch = math.prod(size[c] for c in letters[: counts[0]])
+    rows = math.prod(size[c] for c in letters[counts[0] : sum(counts)])
+    inner = math.prod(size[c] for c in letters[sum(counts) :])
+    plan = _plan(form.equation, op_shapes[: form.half], dtype, device)
+    products = 2.0 * batch * rows * rows * inner
+    flops = plan.flops + products * product_fraction(rows, inner, device)
+    return flops, plan.expression.steps + 1
+
+
+def _same_halves(operands: list, form: HalvesForm) -> bool:
+    """Whether the materialised halves are the same tensors (shared when built)."""
+    return all(a is b for a, b in zip(operands[: form.half], operands[form.half :]))
+
+
+def _halves_gram(form: HalvesForm, operands: list, dtype, device) -> Tensor:
+    """The network's result as the Gram matrix of its first half's contraction."""
+    half = operands[: form.half]
+    plan = _plan(form.equation, [tuple(o.shape) for o in half], dtype, device)
+    tensor = plan.expression(*half)
+    batch = tensor.shape[: form.num_batch]
+    rows = tensor.shape[form.num_batch : form.num_batch + form.num_rows]
     matrix = tensor.reshape(math.prod(batch), math.prod(rows), -1)
     return symmetric_gram(matrix).reshape(*batch, *rows, *rows)
 
@@ -720,6 +824,10 @@ def candidates(
             else:
                 base = plan.flops * product_fraction(rows, inner, device)
             base += epilogue
+        halves = halves_form(net) if _SETTINGS["gram"] else None
+        if halves is not None:  # one half contracted, then its symmetric Gram
+            base, steps = _halves_cost(halves, net, op_shapes, dtype, device)
+            calls += steps - plan.expression.steps
         classes = _class_axis(net)
         # batching over samples, one contraction copies S [V, N, ...] to [N, V, ...]
         s_copy = math.prod(op_shapes[classes[0]]) if classes else 0
@@ -1048,6 +1156,7 @@ def _prepared_einsum(
         slots.append(shared[key])
     plan: list = []  # the contraction plan, looked up on the first call
     gram = gram_form(net) if _SETTINGS["gram"] else None
+    halves = halves_form(net) if _SETTINGS["gram"] else None
 
     def run(tensors: Mapping[str, Tensor]) -> Tensor:
         built = [build(tensors[source]) for source, build in builders]
@@ -1061,6 +1170,8 @@ def _prepared_einsum(
         ]
         if gram is not None and operands[0] is operands[1]:
             return _gram(operands[0], gram)
+        if halves is not None and _same_halves(operands, halves):
+            return _halves_gram(halves, operands, dtype, device)
         if not plan:
             sizes = [tuple(o.shape) for o in operands]
             plan.append(_plan(net.equation, sizes, dtype, device))
