@@ -21,6 +21,7 @@ from backpack_tn.tn.evaluate import (
     set_memory_budget,
 )
 from backpack_tn.tn.gram import MIN_BLOCK_ROWS, symmetric_gram
+from backpack_tn.tn.network import Operand, TensorNetwork
 from tests.cases import CASES, Case, grouped_unfold, kernel_numel
 from tests.test_functional import close
 
@@ -196,6 +197,31 @@ def test_halves_form_only_for_symmetric_networks():
     assert halves_form(mixed) is None
 
 
+@pytest.mark.parametrize(
+    "axes, output, recogniser",
+    [
+        # two axes of the first half onto one of the second: (Σx)²·Σx², not (Σx)⁴
+        ((("n", "a"), ("n", "b"), ("n", "c"), ("n", "c")), ("n",), halves_form),
+        (
+            (("n", "r"), ("n", "a"), ("n", "s"), ("n", "s")),
+            ("n", "r", "s"),
+            halves_form,
+        ),
+        # a diagonal in one of the two operands
+        ((("n", "a", "b"), ("n", "c", "c")), ("n",), gram_form),
+    ],
+    ids=["halves-merged-axes", "halves-rows", "gram-diagonal"],
+)
+def test_no_gram_without_a_renaming(axes, output, recogniser):
+    """Networks whose sides are not renamings of each other are no Gram matrix, and
+    the engine evaluates them exactly."""
+    net = TensorNetwork(tuple(Operand("x", a) for a in axes), output)
+    assert recogniser(net) is None
+    x = torch.rand(3, *(4,) * (len(axes[0]) - 1), dtype=torch.float64)
+    expected = torch.einsum(net.equation, *(x,) * len(axes))  # diagonals included
+    close(evaluate_module._run_einsum(net, {"x": x}), expected)
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_kfac_pattern_networks_as_the_gram_of_a_half(case: Case, approx, monkeypatch):
@@ -216,9 +242,13 @@ def test_kfac_pattern_networks_as_the_gram_of_a_half(case: Case, approx, monkeyp
     halves_gram = evaluate_module._halves_gram
     monkeypatch.setattr(evaluate_module, "_halves_gram", counted)
     budget = get_memory_budget()
+    used = []  # per evaluation: whether the halves Gram ran
     try:
+        # whole batch (the prepared contraction), one sample per chunk (the
+        # chunked executor), recognition off
         for limit, recognised in ((budget, True), (1, True), (budget, False)):
             set_memory_budget(limit)
+            before = len(halves)
             with gram_recognition(recognised), force_strategy("pattern"):
                 result = tnf.kfac_input_factor(
                     x,
@@ -228,6 +258,7 @@ def test_kfac_pattern_networks_as_the_gram_of_a_half(case: Case, approx, monkeyp
                     **case.hyper,
                 )
             close(result, expected)
+            used.append(len(halves) > before)
     finally:
         set_memory_budget(budget)
     patterns = [
@@ -235,6 +266,7 @@ def test_kfac_pattern_networks_as_the_gram_of_a_half(case: Case, approx, monkeyp
         for net in networks("kfac_input", case.geometry(), approx=approx)
         if net.strategy == "pattern"
     ]
-    # used wherever a pattern network has halves (1×1 layers have two operands:
-    # gram_form's case)
-    assert bool(halves) == any(halves_form(net) is not None for net in patterns)
+    # used on both paths wherever a pattern network has halves (1×1 layers have two
+    # operands: gram_form's case)
+    has_halves = any(halves_form(net) is not None for net in patterns)
+    assert used == [has_halves, has_halves, False]

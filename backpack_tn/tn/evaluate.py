@@ -508,10 +508,14 @@ def gram_form(net: TensorNetwork) -> Optional[GramForm]:
     a, b = net.operands
     if a.source is None or (a.source, a.views) != (b.source, b.views):
         return None
+    if _operand_key(net, a)[0] != _operand_key(net, b)[0]:
+        return None  # built differently: not one tensor at run time
     axes_a = net.kept(a.contracted_axes)  # as materialised
     axes_b = net.kept(b.contracted_axes)
     if len(axes_a) != len(axes_b):
         return None
+    if len(set(axes_a)) != len(axes_a) or len(set(axes_b)) != len(axes_b):
+        return None  # a diagonal: the position-wise renaming is no bijection
     out = list(net.kept(net.output))
     partner = {x: y for x, y in zip(axes_a, axes_b) if x != y}
     if set(partner.values()) & set(axes_a):
@@ -590,6 +594,8 @@ def halves_form(net: TensorNetwork) -> Optional[HalvesForm]:
     for a, b in zip(ops[:half], ops[half:]):
         if (a.source, a.views, a.pattern) != (b.source, b.views, b.pattern):
             return None
+        if _operand_key(net, a)[0] != _operand_key(net, b)[0]:
+            return None  # built differently: not the same tensors at run time
     inputs, out = net.equation.split("->")
     terms = inputs.split(",")
     first, second = "".join(terms[:half]), "".join(terms[half:])
@@ -600,6 +606,8 @@ def halves_form(net: TensorNetwork) -> Optional[HalvesForm]:
         for x, y in zip(ta, tb):
             if partner.setdefault(x, y) != y:
                 return None
+    if len(set(partner.values())) != len(partner):
+        return None  # two axes of one half onto one of the other: not a renaming
     renamed = {x: y for x, y in partner.items() if x != y}
     if set(renamed.values()) & set(first) or set(renamed) & set(second):
         return None
@@ -817,6 +825,7 @@ def candidates(
             rows = math.prod(shape[i] for i in perm[num_batch:][:num_rows])
             inner = math.prod(shape[i] for i in perm[num_batch + num_rows :])
             if presum:  # one sum of the operand, then the Gram of what is left
+                calls += 1
                 products = 2.0 * batch * rows * rows * inner
                 base = math.prod(op_shapes[0]) + products * product_fraction(
                     rows, inner, device
