@@ -57,6 +57,27 @@ def test_symmetric_gram_rejects_no_blocks():
         symmetric_gram(torch.randn(1, 4, 3), blocks=0)
 
 
+def _kfac_networks(geometry, approx: str, strategy: str) -> list:
+    """The KFAC input-factor networks of one strategy."""
+    return [
+        net
+        for net in networks("kfac_input", geometry, approx=approx)
+        if net.strategy == strategy
+    ]
+
+
+def _count_grams(monkeypatch) -> list:
+    """Record the matrix shape of every ``symmetric_gram`` call the engine makes."""
+    grams = []
+
+    def counted(matrix, blocks=None):
+        grams.append(matrix.shape)
+        return symmetric_gram(matrix, blocks)
+
+    monkeypatch.setattr(evaluate_module, "symmetric_gram", counted)
+    return grams
+
+
 def _wide(case: Case) -> Case:
     """``case`` with enough input channels per group for ≥ 256 unfolded rows."""
     per_group = math.ceil(2 * MIN_BLOCK_ROWS / kernel_numel(case))
@@ -73,13 +94,7 @@ def test_kfac_expand_as_a_gram_over_the_grid(case: Case, strategy, monkeypatch):
     x = case.input()
     u = grouped_unfold(case, x)  # [N, G, C/G·K, O]
     expected = torch.einsum("ngio,ngjo->gij", u, u) / x.shape[0]
-    grams = []
-
-    def counted(matrix, blocks=None):
-        grams.append(matrix.shape)
-        return symmetric_gram(matrix, blocks)
-
-    monkeypatch.setattr(evaluate_module, "symmetric_gram", counted)
+    grams = _count_grams(monkeypatch)
     # blocks even for these short inner dimensions (the engine's rule: ≥ 256 columns)
     monkeypatch.setattr(gram_module, "MIN_INNER", 0)
     budget = get_memory_budget()
@@ -100,11 +115,7 @@ def test_kfac_expand_as_a_gram_over_the_grid(case: Case, strategy, monkeypatch):
 def test_gram_form_only_for_gram_networks():
     geometry = make_geometry((8, 8), 3, 1, 1)
     for approx in ("expand", "reduce"):
-        window = [
-            net
-            for net in networks("kfac_input", geometry, approx=approx)
-            if net.strategy == "window"
-        ]
+        window = _kfac_networks(geometry, approx, "window")
         forms = [gram_form(net) for net in window]
         assert window and all(form is not None for form in forms)
         # KFAC-reduce: each operand sums its own output positions first
@@ -128,13 +139,7 @@ def test_kfac_reduce_as_a_gram_of_summed_windows(case: Case, strategy, monkeypat
     x = case.input()
     u = grouped_unfold(case, x).mean(-1)  # [N, G, C/G·K]
     expected = torch.einsum("ngi,ngj->gij", u, u) / x.shape[0]
-    grams = []
-
-    def counted(matrix, blocks=None):
-        grams.append(matrix.shape)
-        return symmetric_gram(matrix, blocks)
-
-    monkeypatch.setattr(evaluate_module, "symmetric_gram", counted)
+    grams = _count_grams(monkeypatch)
     for recognised in (True, False):
         with gram_recognition(recognised), force_strategy(strategy):
             result = tnf.kfac_input_factor(
@@ -165,11 +170,7 @@ def test_halves_form_only_for_symmetric_networks():
     two different operands per side)."""
     geometry = make_geometry((8, 8), 3, 2, 1)
     for approx in ("expand", "reduce"):
-        pattern = [
-            net
-            for net in networks("kfac_input", geometry, approx=approx)
-            if net.strategy == "pattern"
-        ]
+        pattern = _kfac_networks(geometry, approx, "pattern")
         assert pattern and all(halves_form(net) is not None for net in pattern)
     for op, options in [
         ("forward", {}),
@@ -181,17 +182,9 @@ def test_halves_form_only_for_symmetric_networks():
         for net in networks(op, geometry, **options):
             assert halves_form(net) is None, (op, net.equation)
     # halves reading different patterns are not a Gram matrix
-    (net,) = [
-        n
-        for n in networks("kfac_input", geometry, approx="expand")
-        if n.strategy == "pattern"
-    ]
+    (net,) = _kfac_networks(geometry, "expand", "pattern")
     other = make_geometry((8, 8), 3, 1, 1)
-    (moved,) = [
-        n
-        for n in networks("kfac_input", other, approx="expand")
-        if n.strategy == "pattern"
-    ]
+    (moved,) = _kfac_networks(other, "expand", "pattern")
     half = len(net.operands) // 2
     mixed = replace(net, operands=net.operands[:half] + moved.operands[half:])
     assert halves_form(mixed) is None
@@ -261,11 +254,7 @@ def test_kfac_pattern_networks_as_the_gram_of_a_half(case: Case, approx, monkeyp
             used.append(len(halves) > before)
     finally:
         set_memory_budget(budget)
-    patterns = [
-        net
-        for net in networks("kfac_input", case.geometry(), approx=approx)
-        if net.strategy == "pattern"
-    ]
+    patterns = _kfac_networks(case.geometry(), approx, "pattern")
     # used on both paths wherever a pattern network has halves (1×1 layers have two
     # operands: gram_form's case)
     has_halves = any(halves_form(net) is not None for net in patterns)
