@@ -11,6 +11,7 @@ import torch
 from backpack_tn.bench import report
 from backpack_tn.bench.baselines import OPERATIONS
 from backpack_tn.bench.layers import ENGINE_LAYERS
+from backpack_tn.bench.measure import add_memory_rounds_argument
 from backpack_tn.bench.run import markdown_table, run_layers, save_json
 from backpack_tn.bench.zoo import ZOO, zoo_layers
 
@@ -63,12 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip memory")
-    parser.add_argument(
-        "--memory-rounds",
-        type=int,
-        default=2,
-        help="memory readings per implementation, least kept (noise only adds)",
-    )
+    add_memory_rounds_argument(parser)
     parser.add_argument("--no-plain", action="store_true", help="skip simplify=False")
     parser.add_argument("--json", help="write the measurements to this JSON file")
     parser.add_argument(

@@ -23,7 +23,11 @@ from torch import nn
 from tqdm import tqdm
 
 from backpack_tn import linops
-from backpack_tn.bench.measure import median_time, min_peak_memories
+from backpack_tn.bench.measure import (
+    add_memory_rounds_argument,
+    median_time,
+    min_peak_memories,
+)
 from backpack_tn.bench.models import all_cnn_c
 
 
@@ -144,12 +148,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", dest="memory", action="store_false")
-    parser.add_argument(
-        "--memory-rounds",
-        type=int,
-        default=2,
-        help="memory readings per pass, least kept (noise only adds)",
-    )
+    add_memory_rounds_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = run(args)

@@ -15,6 +15,7 @@ Memory: extra memory a call needs beyond what is alive before it.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import math
@@ -129,6 +130,16 @@ def min_peak_memories(
     return {
         name: None if None in values else min(values) for name, values in peaks.items()
     }
+
+
+def add_memory_rounds_argument(parser: argparse.ArgumentParser) -> None:
+    """``--memory-rounds`` for :func:`min_peak_memories` (default 2)."""
+    parser.add_argument(
+        "--memory-rounds",
+        type=int,
+        default=2,
+        help="memory readings per measured call, least kept (noise only adds)",
+    )
 
 
 def median_time(

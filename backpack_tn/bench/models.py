@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from functools import partial
 from typing import Callable, Dict, List
 
@@ -20,7 +19,11 @@ from tqdm import tqdm
 
 import backpack_tn.extensions as tne
 from backpack_tn import clear_caches
-from backpack_tn.bench.measure import median_time, min_peak_memories
+from backpack_tn.bench.measure import (
+    add_memory_rounds_argument,
+    median_time,
+    min_peak_memories,
+)
 
 
 def all_cnn_c(num_classes: int = 100) -> nn.Sequential:
@@ -69,21 +72,6 @@ EXTENSIONS = [
 ]
 
 
-def first_call_time(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds of one call, the first with these shapes in this process.
-
-    ``backpack_tn`` measures its candidates on a problem's first call (autotuning),
-    so the first backward pass costs more than later ones; stock BackPACK's does not.
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def run(args) -> List[dict]:
     """Time and measure every (extension, implementation) pair.
 
@@ -128,7 +116,9 @@ def run(args) -> List[dict]:
         try:
             if implementation == "backpack_tn":  # a first call: nothing tuned yet
                 clear_caches()
-            first = first_call_time(partial(backward, factory), device)
+            # backpack_tn measures its candidates on a problem's first call
+            # (autotuning), so its first pass costs more than later ones
+            first = median_time(partial(backward, factory), device, 1, warmup=0)
             seconds = median_time(
                 partial(backward, factory), device, args.repeats, warmup=0
             )
@@ -210,12 +200,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", dest="memory", action="store_false")
-    parser.add_argument(
-        "--memory-rounds",
-        type=int,
-        default=2,
-        help="memory readings per pass, least kept (noise only adds)",
-    )
+    add_memory_rounds_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = run(args)

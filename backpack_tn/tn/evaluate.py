@@ -462,13 +462,9 @@ def _prepare_operand(net: TensorNetwork, op: Operand, tensor: Tensor, drop) -> T
 
 def _contract(net: TensorNetwork, operands: list, epilogue: bool = True) -> Tensor:
     """Contract materialised operands (plan from the cache) and apply the epilogue."""
-    if len(operands) == 2 and operands[0] is operands[1] and _SETTINGS["gram"]:
-        form = gram_form(net)
-        if form is not None:
-            return _gram(operands[0], form)
-    halves = halves_form(net) if _SETTINGS["gram"] else None
-    if halves is not None and _same_halves(operands, halves):
-        return _halves_gram(halves, operands, operands[0].dtype, operands[0].device)
+    result = _by_symmetry(symmetry_forms(net), operands)
+    if result is not None:
+        return result
     tensor = operands[0]
     shapes = [tuple(o.shape) for o in operands]
     plan = _plan(net.equation, shapes, tensor.dtype, tensor.device)
@@ -541,12 +537,23 @@ def _gram(tensor: Tensor, form: GramForm) -> Tensor:
     perm, num_batch, num_rows, presum = form
     if presum:
         tensor = tensor.sum(presum)
-    tensor = tensor.permute(perm)  # the identity for operands in GEMM layout
+    # the identity for operands in GEMM layout
+    return _gram_of(tensor.permute(perm), num_batch, num_rows)
+
+
+def _gram_of(tensor: Tensor, num_batch: int, num_rows: int) -> Tensor:
+    """Symmetric Gram of ``(batch…, rows…, inner…)``: ``(batch…, rows…, rows…)``."""
     batch = tensor.shape[:num_batch]
     rows = tensor.shape[num_batch : num_batch + num_rows]
     # a copy only where the operand is not laid out for the GEMM (e.g. 1×1 layers)
     matrix = tensor.reshape(math.prod(batch), math.prod(rows), -1)
     return symmetric_gram(matrix).reshape(*batch, *rows, *rows)
+
+
+def _gram_flops(batch: int, rows: int, inner: int, device) -> float:
+    """FLOPs of ``symmetric_gram`` on a ``[batch, rows, inner]`` operand."""
+    products = 2.0 * batch * rows * rows * inner  # a full GEMM, as opt_einsum counts
+    return products * product_fraction(rows, inner, device)
 
 
 @dataclass(frozen=True)
@@ -633,9 +640,8 @@ def _halves_cost(
     rows = math.prod(size[c] for c in letters[counts[0] : sum(counts)])
     inner = math.prod(size[c] for c in letters[sum(counts) :])
     plan = _plan(form.equation, op_shapes[: form.half], dtype, device)
-    products = 2.0 * batch * rows * rows * inner
-    flops = plan.flops + products * product_fraction(rows, inner, device)
-    return flops, plan.expression.steps + 1
+    gram = _gram_flops(batch, rows, inner, device)
+    return plan.flops + gram, plan.expression.steps + 1
 
 
 def _same_halves(operands: list, form: HalvesForm) -> bool:
@@ -643,15 +649,36 @@ def _same_halves(operands: list, form: HalvesForm) -> bool:
     return all(a is b for a, b in zip(operands[: form.half], operands[form.half :]))
 
 
-def _halves_gram(form: HalvesForm, operands: list, dtype, device) -> Tensor:
+def _halves_gram(form: HalvesForm, operands: list) -> Tensor:
     """The network's result as the Gram matrix of its first half's contraction."""
     half = operands[: form.half]
-    plan = _plan(form.equation, [tuple(o.shape) for o in half], dtype, device)
-    tensor = plan.expression(*half)
-    batch = tensor.shape[: form.num_batch]
-    rows = tensor.shape[form.num_batch : form.num_batch + form.num_rows]
-    matrix = tensor.reshape(math.prod(batch), math.prod(rows), -1)
-    return symmetric_gram(matrix).reshape(*batch, *rows, *rows)
+    shapes = [tuple(o.shape) for o in half]
+    plan = _plan(form.equation, shapes, half[0].dtype, half[0].device)
+    return _gram_of(plan.expression(*half), form.num_batch, form.num_rows)
+
+
+Symmetry = Tuple[Optional[GramForm], Optional[HalvesForm]]
+
+
+def symmetry_forms(net: TensorNetwork) -> Symmetry:
+    """:func:`gram_form` and :func:`halves_form` of ``net`` (Gram recognition on)."""
+    if not _SETTINGS["gram"]:
+        return None, None
+    return gram_form(net), halves_form(net)
+
+
+def _by_symmetry(forms: Symmetry, operands: list) -> Optional[Tensor]:
+    """The network's result as a symmetric Gram, or ``None``.
+
+    ``None`` also where the operands were not built as one tensor (or one half) as
+    the form requires.
+    """
+    gram, halves = forms
+    if gram is not None and operands[0] is operands[1]:
+        return _gram(operands[0], gram)
+    if halves is not None and _same_halves(operands, halves):
+        return _halves_gram(halves, operands)
+    return None
 
 
 def _squared_dims(net: TensorNetwork) -> Tuple[int, ...]:
@@ -817,23 +844,17 @@ def candidates(
         final = math.prod(sizes[a] for a in net.result_axes)
         epilogue = float(contracted) if net.square_sum else 0.0
         base = plan.flops + epilogue
-        form = gram_form(net) if _SETTINGS["gram"] else None
+        form, halves = symmetry_forms(net)
         if form is not None:  # evaluated as a symmetric Gram: fewer products
             perm, num_batch, num_rows, presum = form
             shape = [n for i, n in enumerate(op_shapes[0]) if i not in presum]
             batch = math.prod(shape[i] for i in perm[:num_batch])
             rows = math.prod(shape[i] for i in perm[num_batch:][:num_rows])
             inner = math.prod(shape[i] for i in perm[num_batch + num_rows :])
+            base = _gram_flops(batch, rows, inner, device) + epilogue
             if presum:  # one sum of the operand, then the Gram of what is left
                 calls += 1
-                products = 2.0 * batch * rows * rows * inner
-                base = math.prod(op_shapes[0]) + products * product_fraction(
-                    rows, inner, device
-                )
-            else:
-                base = plan.flops * product_fraction(rows, inner, device)
-            base += epilogue
-        halves = halves_form(net) if _SETTINGS["gram"] else None
+                base += math.prod(op_shapes[0])
         if halves is not None:  # one half contracted, then its symmetric Gram
             base, steps = _halves_cost(halves, net, op_shapes, dtype, device)
             calls += steps - plan.expression.steps
@@ -1164,8 +1185,7 @@ def _prepared_einsum(
             builders.append((op.source, build))
         slots.append(shared[key])
     plan: list = []  # the contraction plan, looked up on the first call
-    gram = gram_form(net) if _SETTINGS["gram"] else None
-    halves = halves_form(net) if _SETTINGS["gram"] else None
+    symmetry = symmetry_forms(net)
 
     def run(tensors: Mapping[str, Tensor]) -> Tensor:
         built = [build(tensors[source]) for source, build in builders]
@@ -1177,10 +1197,9 @@ def _prepared_einsum(
             )
             for s in slots
         ]
-        if gram is not None and operands[0] is operands[1]:
-            return _gram(operands[0], gram)
-        if halves is not None and _same_halves(operands, halves):
-            return _halves_gram(halves, operands, dtype, device)
+        result = _by_symmetry(symmetry, operands)
+        if result is not None:
+            return result
         if not plan:
             sizes = [tuple(o.shape) for o in operands]
             plan.append(_plan(net.equation, sizes, dtype, device))
@@ -1244,7 +1263,7 @@ def fastest(
     Returns:
         The result of the chosen run.
     """
-    if not _SETTINGS["autotune"] or _SETTINGS["forced"] is not None:
+    if not _measuring():
         return runs[0]()
     index = _FASTEST.get(key)
     if index is not None:
@@ -1258,9 +1277,12 @@ def fastest(
 
 def fastest_choice(key: tuple) -> Optional[int]:
     """The index :func:`fastest` runs for ``key`` now, or ``None`` if not yet chosen."""
-    if not _SETTINGS["autotune"] or _SETTINGS["forced"] is not None:
-        return 0
-    return _FASTEST.peek(key)
+    return _FASTEST.peek(key) if _measuring() else 0
+
+
+def _measuring() -> bool:
+    """Whether :func:`fastest` measures (autotuning on, no strategy forced)."""
+    return bool(_SETTINGS["autotune"]) and _SETTINGS["forced"] is None
 
 
 def _rank(formulations, shapes, dtype, device) -> tuple:
