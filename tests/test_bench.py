@@ -197,6 +197,45 @@ def test_memory_is_the_least_reading_over_rotated_rounds(monkeypatch):
         measure.min_peak_memories(fns, torch.device("cpu"), rounds=0)
 
 
+def test_warm_up_and_memory_readings_wait_for_the_engines_choice(monkeypatch):
+    """A long problem's first calls each run one candidate under measurement: the
+    warm-up goes on until a call measures nothing, and a memory reading taken while
+    the engine still measures is taken again."""
+    import importlib
+
+    from backpack_tn import functional as tnf
+    from backpack_tn.tn import cache_stats, clear_caches
+
+    engine = importlib.import_module("backpack_tn.tn.evaluate")
+    monkeypatch.setattr(engine, "_LONG_RUN_SECONDS", 0.0)  # every problem is long
+    x, v = torch.randn(4, 16, 12, 12), torch.randn(4, 24, 12, 12)
+    calls = []
+
+    def fn():
+        calls.append(None)
+        return tnf.weight_vjp(x, v, 3, padding=1, per_sample=True)
+
+    enabled, threshold = engine.get_autotune()
+    try:
+        engine.set_autotune(True, min_flops=0)
+        engine.set_native(False)
+        clear_caches()
+        assert measure.settle(fn) == len(calls) >= 5  # 2 samples of >= 2, then one
+        before = engine.exploration_runs()
+        fn()
+        assert engine.exploration_runs() == before  # settled: the choice runs
+        clear_caches()
+        calls.clear()
+        measure.min_peak_memories({"tn": fn}, torch.device("cpu"), rounds=1)
+        assert len(calls) >= 5 and cache_stats()["exploring"].size == 0
+    finally:
+        engine.set_autotune(enabled, threshold)
+        engine.set_native(True)
+        clear_caches()
+    plain = []
+    assert measure.settle(lambda: plain.append(None)) == 1 == len(plain)
+
+
 def test_bench_command_measures_memory_per_implementation(tmp_path):
     """Memory rows land on their own implementation; real readings on Linux."""
     out = tmp_path / "run.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import pytest
@@ -412,9 +413,10 @@ def test_choice_survives_a_noisy_spell():
     clear_caches()
     runs = [run("fast", 0.001), run("slow", 0.012)]
     result = fastest(("noisy-spell-test",), runs, torch.device("cpu"))
-    # in each round every run is called twice (the second call timed); each run
-    # follows the other: no run is always measured first
-    assert calls[:8] == ["fast"] * 2 + ["slow"] * 4 + ["fast"] * 2
+    # a first run tells short problems from long ones; then, in each round, every
+    # run is called twice (the second call timed); each run follows the other: no
+    # run is always measured first
+    assert calls[:9] == ["fast"] * 3 + ["slow"] * 4 + ["fast"] * 2
     # the winner's own result comes back (from its fastest, i.e. a post-spell, run)
     assert calls[int(result) - 1] == "fast" and int(result) > 2
     # the slow run stops after the minimum rounds; the cheap one runs until 20 ms
@@ -620,11 +622,18 @@ def test_autotune_measures_results_in_their_final_layout():
     raw = [ev._execute(c, tensors, 1) for c in options]
     strided = [i for i, r in enumerate(raw) if not r.is_contiguous()]
     assert strided  # some candidate's einsum result is a strided view
-    result, pick = ev._autotune(
-        [options[i] for i in strided], tensors, shapes, x.device
+    strided_options = [options[i] for i in strided]
+    for candidate, expected in zip(strided_options, (raw[i] for i in strided)):
+        result = ev._measured_run(candidate, tensors, shapes)()
+        # measured with the copy the caller's reshape makes
+        assert result.is_contiguous()
+        close(result, expected)
+    clear_caches()
+    result, _, pick = ev._tune(
+        ("final-layout",), strided_options, 0, tensors, shapes, x.device
     )
-    assert result.is_contiguous()  # measured with the copy the caller's reshape makes
-    close(result, raw[strided[pick]])
+    assert result.is_contiguous()  # the first call's result, from whichever ran
+    assert pick is not None  # a small problem: chosen on its first call
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["summed", "per_sample"])
@@ -845,6 +854,125 @@ def test_autotuning_caches_the_memory_choice(monkeypatch):
     assert len(prepared) == 1 and prepared[0].memory == min(seen[0])
 
 
+@pytest.fixture
+def long_runs(monkeypatch):
+    """Every problem counts as long: its choice is measured over its first calls.
+
+    Only the engine's own candidates compete (no torch kernel), and even tiny
+    problems are measured.
+    """
+    import importlib
+
+    engine = importlib.import_module("backpack_tn.tn.evaluate")
+    monkeypatch.setattr(engine, "_LONG_RUN_SECONDS", 0.0)
+    enabled, threshold = engine.get_autotune()
+    clear_caches()
+    engine.set_autotune(True, min_flops=0)
+    engine.set_native(False)
+    yield engine
+    engine.set_autotune(enabled, threshold)
+    engine.set_native(True)
+    clear_caches()
+
+
+def test_long_problems_are_measured_over_their_calls(long_runs, monkeypatch):
+    """A long problem's first call runs the cheapest estimate only; each later call
+    runs one candidate (A B C, C B A) until each has two samples, then the choice
+    is fixed and prepared. Every call's result is right."""
+    engine = long_runs
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 12, 12, dtype=torch.float64)
+    v = torch.randn(4, 24, 12, 12, dtype=torch.float64)
+    weight = torch.zeros(24, 16, 3, 3, dtype=torch.float64, requires_grad=True)
+    expected = torch.stack(  # autograd, one sample at a time
+        [
+            torch.autograd.grad(F.conv2d(x[n], weight, padding=1), weight, v[n])[0]
+            for n in range(4)
+        ]
+    )
+    ran, chosen_from = [], []
+    execute, rule = engine._execute, engine.prefer_memory
+
+    def spy_execute(candidate, *args):
+        ran.append(candidate)
+        return execute(candidate, *args)
+
+    def spy_rule(times, memory, *args):
+        chosen_from.append(list(times))
+        return rule(times, memory, *args)
+
+    monkeypatch.setattr(engine, "_execute", spy_execute)
+    monkeypatch.setattr(engine, "prefer_memory", spy_rule)
+    explored, tuned = [], []
+    for _ in range(12):
+        before = engine.exploration_runs()
+        close(tnf.weight_vjp(x, v, 3, padding=1, per_sample=True), expected)
+        explored.append(engine.exploration_runs() - before)
+        tuned.append(cache_stats()["autotune"].size)
+    calls = explored.index(0)  # the first call that measured nothing
+    distinct = list(dict.fromkeys(ran[:calls]))
+    assert len(distinct) >= 2 and calls == 2 * len(distinct)
+    assert ran[:calls] == distinct + distinct[::-1]  # one candidate per call
+    assert distinct[0].cost == min(c.cost for c in distinct)  # first: cheapest
+    assert explored == [1] * calls + [0] * (12 - calls)
+    assert tuned == [0] * (calls - 1) + [1] * (13 - calls)  # chosen on the last
+    assert len(chosen_from) == 1 and len(chosen_from[0]) == len(distinct)
+
+
+@pytest.mark.parametrize(
+    "durations, keep_first, winner",
+    [
+        ({"a": 1.0, "b": 0.5, "c": 0.8}, False, "b"),
+        ({"a": 1.0, "b": 0.95}, True, "a"),  # tied: the first (torch's kernel) stays
+        ({"a": 1.0, "b": 0.5}, True, "b"),
+    ],
+    ids=["fastest", "keep-first-tie", "keep-first-beaten"],
+)
+def test_long_runs_of_a_choice_are_measured_over_calls(
+    durations, keep_first, winner, monkeypatch
+):
+    """fastest() with long runs: one run per call, A B C C B A, then the choice."""
+    import importlib
+
+    engine = importlib.import_module("backpack_tn.tn.evaluate")
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(engine, "time", clock)
+    runs = fake_runs(clock, durations, calls)
+    key, names = ("test-long-choice", keep_first), list(durations)
+    clear_caches()
+    try:
+        chosen = []
+        for _ in range(2 * len(names)):
+            result = engine.fastest(key, runs, torch.device("cpu"), keep_first)
+            assert int(result) == len(calls)  # this call's own run
+            chosen.append(engine.fastest_choice(key))
+        engine.fastest(key, runs, torch.device("cpu"), keep_first)
+    finally:
+        clear_caches()
+    assert calls == names + names[::-1] + [winner]
+    assert chosen == [None] * (2 * len(names) - 1) + [names.index(winner)]
+
+
+def test_short_problems_are_measured_on_their_first_call(monkeypatch):
+    """Below the long-run threshold every candidate is measured within the first
+    call: nothing is left to measure over later calls."""
+    import importlib
+
+    engine = importlib.import_module("backpack_tn.tn.evaluate")
+    monkeypatch.setattr(engine, "_LONG_RUN_SECONDS", math.inf)
+    x = torch.randn(2, 8, 6, 6)
+    enabled, threshold = engine.get_autotune()
+    clear_caches()
+    try:
+        engine.set_autotune(True, min_flops=0)
+        before = engine.exploration_runs()
+        tnf.kfac_input_factor(x, 3, padding=1)
+        tuned = cache_stats()["autotune"].size
+    finally:
+        engine.set_autotune(enabled, threshold)
+    assert engine.exploration_runs() == before and tuned == 1
+
+
 # (N, C_in, C_out, size, kernel, stride, padding): AlexNet's and Inception-v3's
 # layers whose per-sample gradients the benchmark showed at 1.4-1.6x unfold's memory
 # when the index-pattern contraction won the timing by a few per cent
@@ -929,17 +1057,21 @@ def test_keep_first_rule(times, expected):
     assert keep_first(times, tie=0.1) == expected
 
 
-@pytest.mark.parametrize("tn_seconds, expected", [(0.95, "kernel"), (0.8, "tn")])
+@pytest.mark.parametrize("tn_seconds, expected", [(0.0095, "kernel"), (0.008, "tn")])
 def test_torch_kernel_kept_unless_the_tn_is_clearly_faster(
     tn_seconds, expected, monkeypatch
 ):
-    """Kernel vs TN: a TN only a few per cent faster does not replace the kernel."""
+    """Kernel vs TN: a TN only a few per cent faster does not replace the kernel.
+
+    Short runs, measured within the first call (long ones:
+    ``test_long_runs_of_a_choice_are_measured_over_calls``).
+    """
     import importlib
 
     engine = importlib.import_module("backpack_tn.tn.evaluate")
     clock, calls = FakeClock(), []
     monkeypatch.setattr(engine, "time", clock)
-    runs = fake_runs(clock, {"kernel": 1.0, "tn": tn_seconds}, calls)
+    runs = fake_runs(clock, {"kernel": 0.01, "tn": tn_seconds}, calls)
     clear_caches()
     key = ("keep-first-test", tn_seconds)
     result = engine.fastest(key, runs, torch.device("cpu"), keep_first_on_ties=True)

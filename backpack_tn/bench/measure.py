@@ -1,6 +1,8 @@
 """Timing and peak-memory measurement for benchmarks.
 
-Time: median of repeated calls after a warm-up (CUDA: events, synchronised).
+Time: median of repeated calls after a warm-up (CUDA: events, synchronised). The
+warm-up lasts until ``backpack_tn`` has made its choices: a long problem's candidate
+contractions are measured over its first calls (:func:`settle`).
 Memory: extra memory a call needs beyond what is alive before it.
 
 * CUDA: ``torch.cuda.max_memory_allocated`` after a reset of the peak counter.
@@ -24,6 +26,8 @@ import time
 from typing import Callable, Dict, Optional
 
 import torch
+
+from backpack_tn.tn.evaluate import exploration_runs
 
 _M_MMAP_THRESHOLD = -3
 _MMAP_CONFIGURED = False
@@ -59,6 +63,34 @@ def cpu_memory_supported() -> bool:
     except OSError:
         return False
     return True
+
+
+#: At most this many calls of one function to let the engine finish measuring.
+MAX_SETTLE_CALLS = 64
+
+
+def settle(fn: Callable[[], object], max_calls: int = MAX_SETTLE_CALLS) -> int:
+    """Call ``fn`` until a call runs no candidate under measurement (warm-up).
+
+    The engine measures a long problem's candidates over its first calls, one
+    candidate per call (:func:`backpack_tn.tn.evaluate.exploration_runs`), so those
+    calls do not show the steady state. The last call made here does.
+
+    Args:
+        fn: Zero-argument function (called at least once).
+        max_calls: Upper bound on the calls.
+
+    Returns:
+        The number of calls made.
+    """
+    calls = 0
+    while calls < max_calls:
+        before = exploration_runs()
+        fn()
+        calls += 1
+        if exploration_runs() == before:
+            break
+    return calls
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
@@ -126,7 +158,12 @@ def min_peak_memories(
     peaks: Dict[str, list] = {name: [] for name in names}
     for r in range(rounds):
         for name in _round_order(names, r):
-            peaks[name].append(peak_memory(fns[name], device))
+            for _ in range(MAX_SETTLE_CALLS):  # a call still measuring is no reading
+                before = exploration_runs()
+                peak = peak_memory(fns[name], device)
+                if exploration_runs() == before:
+                    break
+            peaks[name].append(peak)
     return {
         name: None if None in values else min(values) for name, values in peaks.items()
     }
@@ -155,7 +192,8 @@ def median_time(
         fn: Zero-argument function to time.
         device: Device the computation runs on (CUDA uses events).
         repeats: Number of timed samples.
-        warmup: Untimed calls before (plans, caches, allocator warm-up).
+        warmup: Untimed warm-ups before (plans, caches, allocator warm-up); each
+            lasts until the engine has made its choices (:func:`settle`).
         loops: Calls per timed sample (the sample is divided by it): sub-millisecond
             calls are timed in batches, single calls that short are mostly noise.
 
@@ -163,7 +201,7 @@ def median_time(
         The median time per call in seconds.
     """
     for _ in range(warmup):
-        fn()
+        settle(fn)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -229,7 +267,7 @@ def interleaved_medians(
     other round) from round to round, so slow drifts of a shared machine (other
     processes, frequency scaling) hit all implementations alike instead of whichever
     happens to be measured during a busy spell. Every function is called once first
-    (warm-up: plans, caches, autotuning).
+    (warm-up: plans, caches, autotuning; :func:`settle`).
 
     Args:
         fns: Zero-argument functions by name.
@@ -242,7 +280,7 @@ def interleaved_medians(
         The median time per call in seconds per name.
     """
     for fn in fns.values():
-        fn()
+        settle(fn)
     # a second call measures the steady state and sizes the samples
     single = {name: median_time(fn, device, 1, warmup=0) for name, fn in fns.items()}
     loops = {name: _loops(seconds, min_seconds) for name, seconds in single.items()}

@@ -116,12 +116,10 @@ def run(args) -> List[dict]:
         try:
             if implementation == "backpack_tn":  # a first call: nothing tuned yet
                 clear_caches()
-            # backpack_tn measures its candidates on a problem's first call
-            # (autotuning), so its first pass costs more than later ones
+            # backpack_tn measures its candidates on a problem's first calls
+            # (autotuning): the first pass, then the steady state after the warm-up
             first = median_time(partial(backward, factory), device, 1, warmup=0)
-            seconds = median_time(
-                partial(backward, factory), device, args.repeats, warmup=0
-            )
+            seconds = median_time(partial(backward, factory), device, args.repeats)
             error = None
         except Exception as exc:  # stock BackPACK refuses some layers
             first, seconds = None, None

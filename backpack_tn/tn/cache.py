@@ -98,6 +98,10 @@ class LRUCache(Generic[V]):
         if len(self._data) > self.maxsize:
             self._data.popitem(last=False)
 
+    def pop(self, key: Hashable) -> V | None:
+        """Remove and return the value under ``key`` (``None`` if absent)."""
+        return self._data.pop(key, None)
+
     def clear(self) -> None:
         """Drop all entries and reset the statistics."""
         self._data.clear()

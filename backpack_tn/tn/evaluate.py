@@ -1059,6 +1059,17 @@ def prefer_memory(
     return leanest if memory[leanest] <= saving * memory[best] else best
 
 
+def _timed(run: Callable[[], Tensor], device: torch.device) -> Tuple[Tensor, float]:
+    """``run()`` and its wall-clock time in seconds, planning time discounted."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start, planning = time.perf_counter(), _PLANNING_SECONDS[0]
+    result = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start - (_PLANNING_SECONDS[0] - planning)
+
+
 def _time_interleaved(
     runs: Sequence[Callable[[], Tensor]],
     device: torch.device,
@@ -1080,13 +1091,7 @@ def _time_interleaved(
     winner, winner_time, winner_result = 0, math.inf, None
 
     def timed_run(i: int) -> Tuple[Tensor, float]:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start, planning = time.perf_counter(), _PLANNING_SECONDS[0]
-        result = runs[i]()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return result, time.perf_counter() - start - (_PLANNING_SECONDS[0] - planning)
+        return _timed(runs[i], device)
 
     for rounds in range(_MAX_ROUNDS):
         timed = [
@@ -1114,32 +1119,138 @@ def _time_interleaved(
     return winner_result, winner
 
 
-def _autotune(
-    options: Sequence[Candidate],
-    tensors: Mapping[str, Tensor],
-    shapes: Mapping[str, Shape],
-    device: torch.device,
-) -> Tuple[Tensor, int]:
-    """Time every candidate; return the chosen one's result and index.
+def _measured_run(
+    candidate: Candidate, tensors: Mapping[str, Tensor], shapes: Mapping[str, Shape]
+) -> Callable[[], Tensor]:
+    """A candidate's run as autotuning times it: batch-chunked, result contiguous.
 
-    The choice is the fastest, or the leaner of about equally fast ones
-    (:func:`prefer_memory`; the memory estimates account for batch chunking).
-
-    Each run includes making its result contiguous: callers reshape results to their
+    Making the result contiguous is part of the run: callers reshape results to their
     target shapes, and a strided einsum result pays its copy there (ResNeXt-101's
     grouped 7×7 per-sample gradients: a 38 MB result with strides 576/192 in its last
     axes took longer to copy than the contraction that the measurement had preferred
-    by 10 %). See :func:`_time_interleaved`.
+    by 10 %).
+    """
+    chunks = _chunks(candidate, shapes, next(iter(tensors.values())).dtype)
+    return lambda: _execute(candidate, tensors, chunks).contiguous()
+
+
+def _memory(candidate: Candidate, shapes: Mapping[str, Shape], dtype) -> float:
+    """A candidate's memory estimate, batch chunking accounted for."""
+    return chunked_memory(candidate, shapes, _chunks(candidate, shapes, dtype))
+
+
+@dataclass
+class _Exploration:
+    """A long problem measured over its calls: which candidate runs when, best times."""
+
+    schedule: List[int]  # candidate indices, one per call
+    best: Dict[int, float]  # fastest time so far per candidate
+    step: int = 1  # the first call ran schedule[0]
+
+
+_EXPLORING: LRUCache[_Exploration] = LRUCache("exploring", maxsize=1024)
+_EXPLORATION_RUNS = [0]  # calls that ran a candidate under measurement
+
+
+def exploration_runs() -> int:
+    """How many calls so far ran a candidate whose choice was still being measured.
+
+    Long problems are measured over their first calls (:func:`_tune`): each such call
+    runs one candidate. Benchmarks of steady-state times call a function until this
+    count stops growing (:func:`backpack_tn.bench.measure.settle`).
+    """
+    return _EXPLORATION_RUNS[0]
+
+
+def _measure(
+    key: tuple,
+    runs: Sequence[Callable[[], Tensor]],
+    device: torch.device,
+    choose: Optional[Callable[[Sequence[float]], int]] = None,
+    first: int = 0,
+) -> Tuple[Tensor, int, Optional[int]]:
+    """One call of a problem whose choice among equivalent ``runs`` is not made yet.
+
+    The first call for ``key`` runs ``runs[first]``, timed. If that run is short
+    (under :data:`_LONG_RUN_SECONDS`), all runs are measured right away, in
+    interleaved rounds (:func:`_time_interleaved`). If it is long, measuring them now
+    would multiply this call's time by about twice their number (``DiagGGNExact`` on
+    ResNet-18, batch 8: 36 s instead of 11 s, for candidates within 15 % of each
+    other). Instead each of the next calls runs one of them, timed, in the order
+    B C ..., ... C B A (``first`` is A); the call that completes two samples of every
+    run makes the choice. Every call thus returns a real result, and measuring costs
+    only the differences between the runs. ``runs`` must list the same computations
+    in the same order on every call (on that call's tensors).
+
+    Args:
+        key: Identifies the problem.
+        runs: Zero-argument functions computing the same result.
+        device: Device of the computation (CUDA is synchronised for timing).
+        choose: Picks the index to keep from each run's fastest time (default: the
+            fastest).
+        first: The run tried first (the cheapest estimate, or the preferred one).
+
+    Returns:
+        The result of this call, the index of the run that computed it, and the
+        chosen index (``None`` while measuring goes on over the next calls).
+    """
+    choose = choose or (lambda times: min(range(len(times)), key=times.__getitem__))
+    exploring = _EXPLORING.get(key)
+    if exploring is None:
+        result, elapsed = _timed(runs[first], device)
+        if len(runs) == 1:
+            return result, first, first
+        if elapsed >= _LONG_RUN_SECONDS:
+            order = [first] + [i for i in range(len(runs)) if i != first]
+            _EXPLORING.put(key, _Exploration(order + order[::-1], {first: elapsed}))
+            _EXPLORATION_RUNS[0] += 1
+            return result, first, None
+        del result  # short: that run warmed up; measure them all now
+        result, index = _time_interleaved(runs, device, choose)
+        return result, index, index
+    ran = exploring.schedule[exploring.step]
+    result, elapsed = _timed(runs[ran], device)
+    _EXPLORATION_RUNS[0] += 1
+    exploring.best[ran] = min(exploring.best.get(ran, math.inf), elapsed)
+    exploring.step += 1
+    if exploring.step < len(exploring.schedule):
+        return result, ran, None
+    _EXPLORING.pop(key)
+    return result, ran, choose([exploring.best[i] for i in range(len(runs))])
+
+
+def _tune(
+    key: tuple,
+    options: Sequence[Candidate],
+    cheapest: int,
+    tensors: Mapping[str, Tensor],
+    shapes: Mapping[str, Shape],
+    device: torch.device,
+) -> Tuple[Tensor, int, Optional[int]]:
+    """One call of a network problem whose candidate is not chosen yet.
+
+    The plausible candidates (:func:`plausible`) are measured, the cheapest estimate
+    first (:func:`_measure`, each run as :func:`_measured_run`), and the fastest is
+    kept, or the leaner of about equally fast ones (:func:`prefer_memory`; the memory
+    estimates account for batch chunking). The choice is cached. Returns this call's result, the index into ``options`` of the candidate
+    that computed it, and the chosen index (``None`` while measuring goes on).
     """
     dtype = next(iter(tensors.values())).dtype
-
-    def run(candidate: Candidate, chunks: int) -> Tensor:
-        return _execute(candidate, tensors, chunks).contiguous()
-
-    chunks = [_chunks(c, shapes, dtype) for c in options]
-    runs = [functools.partial(run, c, n) for c, n in zip(options, chunks)]
-    memory = [chunked_memory(c, shapes, n) for c, n in zip(options, chunks)]
-    return _time_interleaved(runs, device, lambda times: prefer_memory(times, memory))
+    slack = device_costs(device).slack
+    measured = plausible([c.cost for c in options], slack=slack)
+    runs = [_measured_run(options[i], tensors, shapes) for i in measured]
+    memory = [_memory(options[i], shapes, dtype) for i in measured]
+    result, ran, pick = _measure(
+        key,
+        runs,
+        device,
+        lambda times: prefer_memory(times, memory),
+        measured.index(cheapest),
+    )
+    if pick is None:
+        return result, measured[ran], None
+    _TUNED.put(key, measured[pick])
+    return result, measured[ran], measured[pick]
 
 
 def chunked_memory(candidate: Candidate, shapes: Mapping[str, Shape], chunks: int):
@@ -1245,9 +1356,9 @@ def fastest(
 ) -> Tensor:
     """Run the fastest of equivalent computations, measured once per ``key``.
 
-    For choices outside one tensor network (e.g. a TN vs a torch kernel): on the
-    first call for ``key`` the runs are timed in interleaved rounds (see
-    :func:`_time_interleaved`) and the choice is cached; afterwards only the chosen
+    For choices outside one tensor network (e.g. a TN vs a torch kernel): the runs
+    are timed on the first call for ``key``, or over its first calls where one run
+    is long (:func:`_measure`), and the choice is cached; afterwards only the chosen
     run runs (with ``keep_first_on_ties``, the first run wins ties). Without
     autotuning (or with a forced strategy) the first run is used.
 
@@ -1268,15 +1379,18 @@ def fastest(
     index = _FASTEST.get(key)
     if index is not None:
         return runs[index]()
-    result, index = _time_interleaved(
-        runs, device, keep_first if keep_first_on_ties else None
-    )
-    _FASTEST.put(key, index)
+    choose = keep_first if keep_first_on_ties else None
+    result, _, index = _measure(key, runs, device, choose)
+    if index is not None:
+        _FASTEST.put(key, index)
     return result
 
 
 def fastest_choice(key: tuple) -> Optional[int]:
-    """The index :func:`fastest` runs for ``key`` now, or ``None`` if not yet chosen."""
+    """The index :func:`fastest` runs for ``key`` now, or ``None`` if not yet chosen.
+
+    ``None`` also while the choice is measured over calls (:func:`_measure`).
+    """
     return _FASTEST.peek(key) if _measuring() else 0
 
 
@@ -1352,25 +1466,23 @@ def evaluate(
         and options[cheapest].cost >= _SETTINGS["autotune_min_flops"]
     )
     index = _TUNED.get(key) if tune else cheapest
-    if index is None:  # first call: measure the plausible candidates
-        slack = device_costs(device).slack
-        measured = plausible([c.cost for c in options], slack=slack)
-        result, pick = _autotune(
-            [options[i] for i in measured], tensors, shapes, device
-        )
-        index = measured[pick]
-        _TUNED.put(key, index)
-    else:
-        result = None
+    result = None
+    if index is None:  # first calls: measure the plausible candidates
+        result, ran, index = _tune(key, options, cheapest, tensors, shapes, device)
+        if index is None:  # measuring goes on over the next calls: nothing prepared
+            return _embedded(result, options[ran].network)
+        result = _embedded(result, options[ran].network)
     best = options[index]
     # later calls with these shapes run the choice directly (plan once, run many)
     prepared = _prepared(best, shapes, _chunks(best, shapes, dtype), dtype, device)
     prepared.formulations = formulations  # keeps the identity in the key alive
     _PREPARED.put(prepared_key, prepared)
-    if result is None:
-        return prepared(tensors)
-    net = best.network
-    if net.output_views:
-        sizes = tuple(p.geometry.input_size for p in net.plans)
-        result = embed(result, net.output_views, sizes)
-    return result
+    return prepared(tensors) if result is None else result
+
+
+def _embedded(result: Tensor, net: TensorNetwork) -> Tensor:
+    """A candidate's result on the full input grid (if the network needs embedding)."""
+    if not net.output_views:
+        return result
+    sizes = tuple(p.geometry.input_size for p in net.plans)
+    return embed(result, net.output_views, sizes)
