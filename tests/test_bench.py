@@ -207,7 +207,7 @@ def test_warm_up_and_memory_readings_wait_for_the_engines_choice(monkeypatch):
     from backpack_tn.tn import cache_stats, clear_caches
 
     engine = importlib.import_module("backpack_tn.tn.evaluate")
-    monkeypatch.setattr(engine, "_LONG_RUN_SECONDS", 0.0)  # every problem is long
+    monkeypatch.setattr(engine, "_OVER_CALLS_SECONDS", 0.0)  # every problem is long
     x, v = torch.randn(4, 16, 12, 12), torch.randn(4, 24, 12, 12)
     calls = []
 

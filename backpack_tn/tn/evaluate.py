@@ -1014,6 +1014,13 @@ _MAX_ROUNDS = 10
 #: thread) took 63 s the first time against 11 s afterwards.
 _LONG_RUN_SECONDS = 0.05
 
+#: A problem whose first run takes at least this long is measured over its next
+#: calls, one run per call (:func:`_measure`), in the same rounds but without
+#: warm-up runs. Measuring within the first call cost ResNet-18's first
+#: ``BatchL2Grad`` pass (batch 8, one thread) 2.3 s of 4.3 s, on problems of a few
+#: to 50 ms; later passes take 1.7 s.
+_OVER_CALLS_SECONDS = 0.005
+
 #: Runs measured within this fraction of the fastest count as equally fast (the
 #: spread of repeated measurements here) ...
 TIME_TIE = 0.1
@@ -1141,11 +1148,26 @@ def _memory(candidate: Candidate, shapes: Mapping[str, Shape], dtype) -> float:
 
 @dataclass
 class _Exploration:
-    """A long problem measured over its calls: which candidate runs when, best times."""
+    """A problem measured over its calls: the rounds so far, what is left of one."""
 
-    schedule: List[int]  # candidate indices, one per call
-    best: Dict[int, float]  # fastest time so far per candidate
-    step: int = 1  # the first call ran schedule[0]
+    best: List[float]  # fastest time per run
+    spent: List[float]  # time measured per run
+    queue: List[int]  # runs left in the current round, in order
+    order: List[int]  # the first round's order (later rounds alternate)
+    rounds: int = 1  # rounds begun
+
+    def next_round(self) -> bool:
+        """Queue the next round's runs (as :func:`_time_interleaved` picks them)."""
+        if self.rounds >= _MAX_ROUNDS:
+            return False
+        order = self.order if self.rounds % 2 == 0 else self.order[::-1]
+        self.queue = [
+            i
+            for i in order
+            if self.rounds < _MIN_ROUNDS or self.spent[i] < _MIN_MEASURE_SECONDS
+        ]
+        self.rounds += 1
+        return bool(self.queue)
 
 
 _EXPLORING: LRUCache[_Exploration] = LRUCache("exploring", maxsize=1024)
@@ -1171,16 +1193,20 @@ def _measure(
 ) -> Tuple[Tensor, int, Optional[int]]:
     """One call of a problem whose choice among equivalent ``runs`` is not made yet.
 
-    The first call for ``key`` runs ``runs[first]``, timed. If that run is short
-    (under :data:`_LONG_RUN_SECONDS`), all runs are measured right away, in
-    interleaved rounds (:func:`_time_interleaved`). If it is long, measuring them now
-    would multiply this call's time by about twice their number (``DiagGGNExact`` on
-    ResNet-18, batch 8: 36 s instead of 11 s, for candidates within 15 % of each
-    other). Instead each of the next calls runs one of them, timed, in the order
-    B C ..., ... C B A (``first`` is A); the call that completes two samples of every
-    run makes the choice. Every call thus returns a real result, and measuring costs
-    only the differences between the runs. ``runs`` must list the same computations
-    in the same order on every call (on that call's tensors).
+    The first call for ``key`` runs ``runs[first]``, timed (twice if the first run
+    is under :data:`_LONG_RUN_SECONDS`: it pays one-time costs). If that run is short
+    (under :data:`_OVER_CALLS_SECONDS`), all runs are measured right away, in
+    interleaved rounds (:func:`_time_interleaved`). Otherwise measuring them now
+    would multiply this call's time by several times their number (``DiagGGNExact``
+    on ResNet-18, batch 8: 36 s instead of 11 s, for candidates within 15 % of each
+    other). Instead each of the next calls runs one of them, timed, in the same
+    rounds: A B C, C B A, ... (``first`` is A), at least :data:`_MIN_ROUNDS`, more for
+    runs that have spent less than :data:`_MIN_MEASURE_SECONDS`, at most
+    :data:`_MAX_ROUNDS`; no warm-up runs. The call that completes the rounds makes
+    the choice. Every call thus returns a real result, and measuring costs only the
+    differences between the runs. Each run is timed where it really runs, amid the
+    caller's other work. ``runs`` must list the same computations in the same order
+    on every call (on that call's tensors).
 
     Args:
         key: Identifies the problem.
@@ -1200,23 +1226,30 @@ def _measure(
         result, elapsed = _timed(runs[first], device)
         if len(runs) == 1:
             return result, first, first
-        if elapsed >= _LONG_RUN_SECONDS:
+        if _OVER_CALLS_SECONDS <= elapsed < _LONG_RUN_SECONDS:
+            # a first run pays one-time costs (a tiny problem's first kernel call
+            # can take milliseconds): a second one tells short from long
+            del result
+            result, elapsed = _timed(runs[first], device)
+        if elapsed >= _OVER_CALLS_SECONDS:
             order = [first] + [i for i in range(len(runs)) if i != first]
-            _EXPLORING.put(key, _Exploration(order + order[::-1], {first: elapsed}))
+            best, spent = [math.inf] * len(runs), [0.0] * len(runs)
+            best[first] = spent[first] = elapsed
+            _EXPLORING.put(key, _Exploration(best, spent, order[1:], order))
             _EXPLORATION_RUNS[0] += 1
             return result, first, None
         del result  # short: that run warmed up; measure them all now
         result, index = _time_interleaved(runs, device, choose)
         return result, index, index
-    ran = exploring.schedule[exploring.step]
+    ran = exploring.queue.pop(0)
     result, elapsed = _timed(runs[ran], device)
     _EXPLORATION_RUNS[0] += 1
-    exploring.best[ran] = min(exploring.best.get(ran, math.inf), elapsed)
-    exploring.step += 1
-    if exploring.step < len(exploring.schedule):
+    exploring.best[ran] = min(exploring.best[ran], elapsed)
+    exploring.spent[ran] += elapsed
+    if exploring.queue or exploring.next_round():
         return result, ran, None
     _EXPLORING.pop(key)
-    return result, ran, choose([exploring.best[i] for i in range(len(runs))])
+    return result, ran, choose(exploring.best)
 
 
 def _tune(
@@ -1232,8 +1265,11 @@ def _tune(
     The plausible candidates (:func:`plausible`) are measured, the cheapest estimate
     first (:func:`_measure`, each run as :func:`_measured_run`), and the fastest is
     kept, or the leaner of about equally fast ones (:func:`prefer_memory`; the memory
-    estimates account for batch chunking). The choice is cached. Returns this call's result, the index into ``options`` of the candidate
-    that computed it, and the chosen index (``None`` while measuring goes on).
+    estimates account for batch chunking). The choice is cached.
+
+    Returns:
+        This call's result, the index into ``options`` of the candidate that
+        computed it, and the chosen index (``None`` while measuring goes on).
     """
     dtype = next(iter(tensors.values())).dtype
     slack = device_costs(device).slack
