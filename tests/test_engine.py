@@ -971,6 +971,27 @@ def test_long_runs_of_a_choice_are_measured_over_calls(
     assert chosen == [None] * (len(schedule) - 1) + [names.index(winner)]
 
 
+def test_measuring_over_calls_restarts_when_the_runs_change(monkeypatch):
+    """A key whose list of runs changed mid-measurement starts afresh (no index
+    into the old list)."""
+    import importlib
+
+    engine = importlib.import_module("backpack_tn.tn.evaluate")
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(engine, "time", clock)
+    three = fake_runs(clock, {"a": 1.0, "b": 0.5, "c": 0.8}, calls)
+    clear_caches()
+    try:
+        engine.fastest(("test-restart",), three, torch.device("cpu"))
+        engine.fastest(("test-restart",), three, torch.device("cpu"))
+        for _ in range(4):
+            engine.fastest(("test-restart",), three[:2], torch.device("cpu"))
+        choice = engine.fastest_choice(("test-restart",))
+    finally:
+        clear_caches()
+    assert "".join(calls) == "ab" + "abba" and choice == 1
+
+
 def test_short_problems_are_measured_on_their_first_call(monkeypatch):
     """Below the long-run threshold every candidate is measured within the first
     call: nothing is left to measure over later calls."""

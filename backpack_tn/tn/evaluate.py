@@ -1222,6 +1222,9 @@ def _measure(
     """
     choose = choose or (lambda times: min(range(len(times)), key=times.__getitem__))
     exploring = _EXPLORING.get(key)
+    if exploring is not None and len(exploring.best) != len(runs):
+        _EXPLORING.pop(key)  # other runs than before: start afresh
+        exploring = None
     if exploring is None:
         result, elapsed = _timed(runs[first], device)
         if len(runs) == 1:
