@@ -208,6 +208,7 @@ def test_warm_up_and_memory_readings_wait_for_the_engines_choice(monkeypatch):
 
     engine = importlib.import_module("backpack_tn.tn.evaluate")
     monkeypatch.setattr(engine, "_OVER_CALLS_SECONDS", 0.0)  # every problem is long
+    monkeypatch.setattr(engine, "_MIN_MEASURE_SECONDS", 0.0)  # two rounds each
     x, v = torch.randn(4, 16, 12, 12), torch.randn(4, 24, 12, 12)
     calls = []
 
@@ -489,23 +490,39 @@ def test_calibrate_max_cost_default_per_device(device, bound, monkeypatch, tmp_p
 def test_model_bench_reports_first_calls(capsys, monkeypatch):
     """Model level: every pass is timed on its first call and in steady state;
     backpack_tn's first call of each extension starts from empty caches."""
-    from backpack_tn.bench import models
+    import importlib
 
+    from backpack_tn.bench import models
+    from backpack_tn.tn import clear_caches
+
+    engine = importlib.import_module("backpack_tn.tn.evaluate")
+    # every problem measured over calls, two rounds: later passes still measure
+    monkeypatch.setattr(engine, "_OVER_CALLS_SECONDS", 0.0)
+    monkeypatch.setattr(engine, "_LONG_RUN_SECONDS", 0.0)
+    monkeypatch.setattr(engine, "_MIN_MEASURE_SECONDS", 0.0)
     cleared = []
-    monkeypatch.setattr(models, "clear_caches", lambda: cleared.append(True))
+
+    def clear():
+        cleared.append(True)
+        clear_caches()
+
+    monkeypatch.setattr(models, "clear_caches", clear)
     argv = ["--model", "allcnnc", "--batch-size", "2", "--repeats", "1"]
     argv += ["--extensions", "BatchGrad", "SumGradSquared", "--no-memory"]
     assert models.main(argv) == 0
     assert len(cleared) == 2  # once per backpack_tn extension, never for stock
     lines = capsys.readouterr().out.splitlines()
     header = next(line for line in lines if line.startswith("| extension"))
-    assert header.split("|")[-3:-1] == [
+    assert header.split("|")[-4:-1] == [
         " stock first call [ms] ",
         " backpack_tn first call [ms] ",
+        " backpack_tn later passes measuring ",
     ]
     row = next(line for line in lines if line.startswith("| BatchGrad"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
-    assert all(float(c) > 0 for c in cells[1:3] + cells[-2:])  # times in ms
+    assert all(float(c) > 0 for c in cells[1:3] + cells[-3:-1])  # times in ms
+    passes, seconds = cells[-1].split(" ", 1)  # e.g. "3 (0.2 s)"
+    assert int(passes) >= 1 and seconds.startswith("(") and seconds.endswith(" s)")
 
 
 @pytest.mark.parametrize("suite", ["models", "kfac"])

@@ -611,7 +611,7 @@ def test_prepared_calls_follow_setting_changes(monkeypatch):
         close(result, expected)
 
 
-def test_autotune_measures_results_in_their_final_layout():
+def test_autotune_measures_results_in_their_final_layout(monkeypatch):
     """A candidate whose einsum result is strided pays its copy in the measurement."""
     import importlib
 
@@ -635,6 +635,7 @@ def test_autotune_measures_results_in_their_final_layout():
         assert result.is_contiguous()
         close(result, expected)
     clear_caches()
+    monkeypatch.setattr(ev, "_OVER_CALLS_SECONDS", math.inf)  # within this call
     result, _, pick = ev._tune(
         ("final-layout",), strided_options, 0, tensors, shapes, x.device
     )
@@ -992,6 +993,94 @@ def test_measuring_over_calls_restarts_when_the_runs_change(monkeypatch):
     assert "".join(calls) == "ab" + "abba" and choice == 1
 
 
+def test_a_failing_run_ends_the_measuring(monkeypatch):
+    """A run that raises while a choice is measured over calls (e.g. out of memory)
+    leaves no half-done state: once the error is gone, calls work again."""
+    import importlib
+
+    engine = importlib.import_module("backpack_tn.tn.evaluate")
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(engine, "time", clock)
+    a, b = fake_runs(clock, {"a": 1.0, "b": 0.5}, calls)
+    failing = [True]
+
+    def flaky():
+        if failing[0]:
+            raise RuntimeError("out of memory")
+        return b()
+
+    key, cpu = ("test-failing-run",), torch.device("cpu")
+    clear_caches()
+    try:
+        engine.fastest(key, [a, flaky], cpu)  # measuring over calls begins
+        with pytest.raises(RuntimeError, match="out of memory"):
+            engine.fastest(key, [a, flaky], cpu)
+        failing[0] = False
+        for _ in range(5):
+            engine.fastest(key, [a, flaky], cpu)
+        choice = engine.fastest_choice(key)
+    finally:
+        clear_caches()
+    # afresh after the failure: a b b a, then the choice
+    assert "".join(calls) == "a" + "abba" + "b" and choice == 1
+
+
+def test_a_nested_choice_is_measured_within_the_outer_run(monkeypatch):
+    """A choice inside another's run (the TN's contraction inside kernel vs TN) is
+    measured within that run, and the outer choice times the inner one's choice:
+    not unchosen inner candidates, and not the run that measured them."""
+    import importlib
+
+    engine = importlib.import_module("backpack_tn.tn.evaluate")
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(engine, "time", clock)
+    inner = fake_runs(clock, {"x": 0.012, "y": 0.012, "z": 0.004}, calls)
+    (kernel,) = fake_runs(clock, {"kernel": 0.008}, calls)
+    cpu = torch.device("cpu")
+
+    def tn():
+        return engine.fastest(("test-inner",), inner, cpu)
+
+    clear_caches()
+    try:
+        for _ in range(12):
+            engine.fastest(("test-outer",), [kernel, tn], cpu)
+        outer = engine.fastest_choice(("test-outer",))
+        nested = engine.fastest_choice(("test-inner",))
+        exploring = cache_stats()["exploring"].size
+    finally:
+        clear_caches()
+    assert (outer, nested, exploring) == (1, 2, 0)
+
+
+def test_a_cold_first_run_does_not_make_a_problem_long(monkeypatch):
+    """A first run of 5-50 ms runs again: if the warm run is short, all candidates
+    are measured within the first call."""
+    import importlib
+
+    engine = importlib.import_module("backpack_tn.tn.evaluate")
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(engine, "time", clock)
+
+    def run(name: str, cold: float, warm: float):
+        def timed():
+            clock.now += cold if name not in calls else warm
+            calls.append(name)
+            return torch.tensor(float(len(calls)))
+
+        return timed
+
+    runs = [run("a", 0.02, 0.002), run("b", 0.003, 0.003)]
+    clear_caches()
+    try:
+        engine.fastest(("test-cold-first",), runs, torch.device("cpu"))
+        choice = engine.fastest_choice(("test-cold-first",))
+        exploring = cache_stats()["exploring"].size
+    finally:
+        clear_caches()
+    assert calls[:2] == ["a", "a"] and choice == 0 and exploring == 0
+
+
 def test_short_problems_are_measured_on_their_first_call(monkeypatch):
     """Below the long-run threshold every candidate is measured within the first
     call: nothing is left to measure over later calls."""
@@ -1009,6 +1098,7 @@ def test_short_problems_are_measured_on_their_first_call(monkeypatch):
         tuned = cache_stats()["autotune"].size
     finally:
         engine.set_autotune(enabled, threshold)
+        clear_caches()
     assert engine.exploration_runs() == before and tuned == 1
 
 

@@ -23,6 +23,7 @@ import gc
 import math
 import statistics
 import time
+import warnings
 from typing import Callable, Dict, Optional
 
 import torch
@@ -69,7 +70,11 @@ def cpu_memory_supported() -> bool:
 MAX_SETTLE_CALLS = 64
 
 
-def settle(fn: Callable[[], object], max_calls: int = MAX_SETTLE_CALLS) -> int:
+def settle(
+    fn: Callable[[], object],
+    max_calls: int = MAX_SETTLE_CALLS,
+    measuring: Optional[list] = None,
+) -> int:
     """Call ``fn`` until a call runs no candidate under measurement (warm-up).
 
     The engine measures a long problem's candidates over its first calls, one
@@ -78,19 +83,26 @@ def settle(fn: Callable[[], object], max_calls: int = MAX_SETTLE_CALLS) -> int:
 
     Args:
         fn: Zero-argument function (called at least once).
-        max_calls: Upper bound on the calls.
+        max_calls: Upper bound on the calls (a warning says if it was reached).
+        measuring: If given, the wall-clock seconds of each call that still ran a
+            candidate under measurement are appended.
 
     Returns:
         The number of calls made.
     """
-    calls = 0
-    while calls < max_calls:
-        before = exploration_runs()
+    for calls in range(1, max_calls + 1):
+        before, start = exploration_runs(), time.perf_counter()
         fn()
-        calls += 1
         if exploration_runs() == before:
-            break
-    return calls
+            return calls
+        if measuring is not None:
+            measuring.append(time.perf_counter() - start)
+    warnings.warn(
+        f"backpack_tn still measured candidates after {max_calls} calls: the "
+        "times that follow may include such runs.",
+        stacklevel=2,
+    )
+    return max_calls
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
@@ -163,6 +175,12 @@ def min_peak_memories(
                 peak = peak_memory(fns[name], device)
                 if exploration_runs() == before:
                     break
+            else:
+                warnings.warn(
+                    f"backpack_tn still measured candidates after {MAX_SETTLE_CALLS}"
+                    f" calls of {name!r}: its memory reading may include such runs.",
+                    stacklevel=2,
+                )
             peaks[name].append(peak)
     return {
         name: None if None in values else min(values) for name, values in peaks.items()

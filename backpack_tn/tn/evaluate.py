@@ -15,11 +15,12 @@ executor:
 
 Every candidate is planned with ``opt_einsum`` for the concrete shapes (plans cached per
 equation, shapes, dtype and device). Small problems take the candidate with the lowest
-estimated cost (FLOPs plus copies). For larger ones the first call *measures* the
-candidates on the real inputs (interleaved rounds) and caches the fastest per
-(operation, shapes, dtype, device), or the leaner of about equally fast ones (memory
-estimates) — the result of that call is a measured run's own result (one more run
-where memory decided), so little is computed in vain.
+estimated cost (FLOPs plus copies). Larger ones are *measured* on the real inputs in
+interleaved rounds, and the fastest per (operation, shapes, dtype, device) is cached,
+or the leaner of about equally fast ones (memory estimates): within the first call
+where one run is short, otherwise over the first calls, one candidate per call
+(:func:`_measure`). Every call returns a measured run's own result, so little is
+computed in vain.
 :func:`set_autotune` turns this off. If the chosen plan's largest intermediate exceeds
 the memory budget (:func:`set_memory_budget`), the batch is processed in chunks.
 Finally the choice is kept as a *prepared call* per shapes and settings: later calls
@@ -34,7 +35,17 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import (
+    Callable,
+    Dict,
+    Hashable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 import opt_einsum
 import torch
@@ -184,7 +195,7 @@ def get_memory_budget() -> Optional[int]:
 
 
 def set_autotune(enabled: bool, min_flops: Optional[float] = None) -> None:
-    """Measure candidates on first use (default) or always trust the cost model.
+    """Measure candidates on the first calls (default) or always trust the cost model.
 
     Args:
         enabled: Whether to autotune.
@@ -1066,15 +1077,24 @@ def prefer_memory(
     return leanest if memory[leanest] <= saving * memory[best] else best
 
 
-def _timed(run: Callable[[], Tensor], device: torch.device) -> Tuple[Tensor, float]:
-    """``run()`` and its wall-clock time in seconds, planning time discounted."""
+def _timed(
+    run: Callable[[], Tensor], device: torch.device
+) -> Tuple[Tensor, Optional[float]]:
+    """``run()`` and its wall-clock time in seconds, planning time discounted.
+
+    The time is ``None`` if the run measured another problem's candidates (a choice
+    nested in this one, e.g. the TN's contraction inside a kernel-vs-TN choice): it
+    says nothing about the run's steady state.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    measured = _MEASUREMENTS[0]
     start, planning = time.perf_counter(), _PLANNING_SECONDS[0]
     result = run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return result, time.perf_counter() - start - (_PLANNING_SECONDS[0] - planning)
+    elapsed = time.perf_counter() - start - (_PLANNING_SECONDS[0] - planning)
+    return result, None if _MEASUREMENTS[0] != measured else elapsed
 
 
 def _time_interleaved(
@@ -1110,19 +1130,21 @@ def _time_interleaved(
             break
         for i in timed if rounds % 2 == 0 else reversed(timed):
             result, elapsed = timed_run(i)
-            if elapsed < _LONG_RUN_SECONDS:  # that run only warmed up: time another
+            if elapsed is None or elapsed < _LONG_RUN_SECONDS:
+                # that run only warmed up (or measured a nested choice): time another
                 del result
                 result, elapsed = timed_run(i)
+            if elapsed is None:  # not a sample
+                continue
             spent[i] += elapsed
             best[i] = min(best[i], elapsed)
             if elapsed < winner_time:
                 winner, winner_time, winner_result = i, elapsed, result
             del result
-    if choose is not None:
-        chosen = choose(best)
-        if chosen != winner:  # one more run, on the first call for this problem only
-            del winner_result
-            return runs[chosen](), chosen
+    chosen = winner if choose is None else choose(best)
+    if chosen != winner or winner_result is None:  # one more run, this call only
+        del winner_result
+        return runs[chosen](), chosen
     return winner_result, winner
 
 
@@ -1154,6 +1176,7 @@ class _Exploration:
     spent: List[float]  # time measured per run
     queue: List[int]  # runs left in the current round, in order
     order: List[int]  # the first round's order (later rounds alternate)
+    signature: Hashable  # identifies the list of runs
     rounds: int = 1  # rounds begun
 
     def next_round(self) -> bool:
@@ -1172,6 +1195,8 @@ class _Exploration:
 
 _EXPLORING: LRUCache[_Exploration] = LRUCache("exploring", maxsize=1024)
 _EXPLORATION_RUNS = [0]  # calls that ran a candidate under measurement
+_MEASUREMENTS = [0]  # calls of _measure: a run during which it grew measured others
+_MEASURING = [0]  # depth of _measure calls (a choice nested in another's run)
 
 
 def exploration_runs() -> int:
@@ -1190,13 +1215,16 @@ def _measure(
     device: torch.device,
     choose: Optional[Callable[[Sequence[float]], int]] = None,
     first: int = 0,
+    signature: Optional[Hashable] = None,
 ) -> Tuple[Tensor, int, Optional[int]]:
     """One call of a problem whose choice among equivalent ``runs`` is not made yet.
 
-    The first call for ``key`` runs ``runs[first]``, timed (twice if the first run
-    is under :data:`_LONG_RUN_SECONDS`: it pays one-time costs). If that run is short
-    (under :data:`_OVER_CALLS_SECONDS`), all runs are measured right away, in
-    interleaved rounds (:func:`_time_interleaved`). Otherwise measuring them now
+    The first call for ``key`` runs ``runs[first]``, timed (twice if it took from
+    :data:`_OVER_CALLS_SECONDS` to :data:`_LONG_RUN_SECONDS`: a first run pays
+    one-time costs). If that run is short (under :data:`_OVER_CALLS_SECONDS`), all
+    runs are measured right away, in interleaved rounds (:func:`_time_interleaved`),
+    as is a choice nested in another one's run (the TN's contraction inside a
+    kernel-vs-TN choice). Otherwise measuring them now
     would multiply this call's time by several times their number (``DiagGGNExact``
     on ResNet-18, batch 8: 36 s instead of 11 s, for candidates within 15 % of each
     other). Instead each of the next calls runs one of them, timed, in the same
@@ -1206,7 +1234,9 @@ def _measure(
     the choice. Every call thus returns a real result, and measuring costs only the
     differences between the runs. Each run is timed where it really runs, amid the
     caller's other work. ``runs`` must list the same computations in the same order
-    on every call (on that call's tensors).
+    on every call (on that call's tensors). A run during which a nested choice was
+    measured is no sample (:func:`_timed`) and runs again on the next call; a run
+    that raises ends the measuring (the next call starts afresh).
 
     Args:
         key: Identifies the problem.
@@ -1215,38 +1245,70 @@ def _measure(
         choose: Picks the index to keep from each run's fastest time (default: the
             fastest).
         first: The run tried first (the cheapest estimate, or the preferred one).
+        signature: Identifies the list of runs (default: their number); measuring
+            over calls starts afresh if it changes.
 
     Returns:
         The result of this call, the index of the run that computed it, and the
         chosen index (``None`` while measuring goes on over the next calls).
     """
     choose = choose or (lambda times: min(range(len(times)), key=times.__getitem__))
+    signature = len(runs) if signature is None else signature
+    _MEASUREMENTS[0] += 1
+    _MEASURING[0] += 1
+    try:
+        return _measure_call(key, runs, device, choose, first, signature)
+    finally:
+        _MEASURING[0] -= 1
+
+
+def _measure_call(
+    key: tuple,
+    runs: Sequence[Callable[[], Tensor]],
+    device: torch.device,
+    choose: Callable[[Sequence[float]], int],
+    first: int,
+    signature: Hashable,
+) -> Tuple[Tensor, int, Optional[int]]:
+    """:func:`_measure`'s body (``_MEASURING`` counts this call as running)."""
     exploring = _EXPLORING.get(key)
-    if exploring is not None and len(exploring.best) != len(runs):
+    if exploring is not None and exploring.signature != signature:
         _EXPLORING.pop(key)  # other runs than before: start afresh
         exploring = None
     if exploring is None:
         result, elapsed = _timed(runs[first], device)
         if len(runs) == 1:
             return result, first, first
-        if _OVER_CALLS_SECONDS <= elapsed < _LONG_RUN_SECONDS:
+        if elapsed is None or _OVER_CALLS_SECONDS <= elapsed < _LONG_RUN_SECONDS:
             # a first run pays one-time costs (a tiny problem's first kernel call
-            # can take milliseconds): a second one tells short from long
+            # can take milliseconds; a nested choice measured itself): a second run
+            # tells short from long
             del result
             result, elapsed = _timed(runs[first], device)
-        if elapsed >= _OVER_CALLS_SECONDS:
+        # a choice nested in another's run is measured within that run: measuring
+        # over calls would leave the outer choice timing unchosen inner candidates
+        nested = _MEASURING[0] > 1
+        if elapsed is not None and elapsed >= _OVER_CALLS_SECONDS and not nested:
             order = [first] + [i for i in range(len(runs)) if i != first]
             best, spent = [math.inf] * len(runs), [0.0] * len(runs)
             best[first] = spent[first] = elapsed
-            _EXPLORING.put(key, _Exploration(best, spent, order[1:], order))
+            state = _Exploration(best, spent, order[1:], order, signature)
+            _EXPLORING.put(key, state)
             _EXPLORATION_RUNS[0] += 1
             return result, first, None
         del result  # short: that run warmed up; measure them all now
         result, index = _time_interleaved(runs, device, choose)
         return result, index, index
-    ran = exploring.queue.pop(0)
-    result, elapsed = _timed(runs[ran], device)
+    ran = exploring.queue[0]
+    try:
+        result, elapsed = _timed(runs[ran], device)
+    except BaseException:  # e.g. out of memory: no half-done state survives
+        _EXPLORING.pop(key)
+        raise
     _EXPLORATION_RUNS[0] += 1
+    if elapsed is None:  # not a sample (a nested choice was measured): run it again
+        return result, ran, None
+    exploring.queue.pop(0)
     exploring.best[ran] = min(exploring.best[ran], elapsed)
     exploring.spent[ran] += elapsed
     if exploring.queue or exploring.next_round():
@@ -1285,6 +1347,7 @@ def _tune(
         device,
         lambda times: prefer_memory(times, memory),
         measured.index(cheapest),
+        tuple(measured),
     )
     if pick is None:
         return result, measured[ran], None
