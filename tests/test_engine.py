@@ -750,6 +750,20 @@ def fake_runs(clock: FakeClock, durations: dict, calls: list) -> list:
     return [run(name, seconds) for name, seconds in durations.items()]
 
 
+def cold_runs(clock: FakeClock, durations: dict, calls: list) -> list:
+    """Like :func:`fake_runs`, with ``durations[name] = (first run, later runs)``."""
+
+    def run(name: str, cold: float, warm: float):
+        def timed():
+            clock.now += cold if name not in calls else warm
+            calls.append(name)
+            return torch.tensor(float(len(calls)))
+
+        return timed
+
+    return [run(name, *seconds) for name, seconds in durations.items()]
+
+
 @pytest.mark.parametrize("lean_seconds, expected", [(1.05, "lean"), (1.2, "fat")])
 def test_tied_runs_keep_the_leaner_one(lean_seconds, expected, monkeypatch):
     """About equally fast runs: the one estimated to need less memory is kept."""
@@ -804,15 +818,7 @@ def test_a_cold_first_run_does_not_decide(monkeypatch):
     clock, calls = FakeClock(), []
     monkeypatch.setattr(engine, "time", clock)
 
-    def run(name: str, cold: float, warm: float):
-        def timed():
-            clock.now += cold if name not in calls else warm
-            calls.append(name)
-            return torch.tensor(float(len(calls)))
-
-        return timed
-
-    runs = [run("fast", 0.11, 0.06), run("slow", 0.07, 0.07)]
+    runs = cold_runs(clock, {"fast": (0.11, 0.06), "slow": (0.07, 0.07)}, calls)
     result, index = engine._time_interleaved(runs, torch.device("cpu"))
     assert index == 0 and calls == ["fast", "slow", "slow", "fast"]
     assert calls[int(result) - 1] == "fast"
@@ -1062,15 +1068,7 @@ def test_a_cold_first_run_does_not_make_a_problem_long(monkeypatch):
     clock, calls = FakeClock(), []
     monkeypatch.setattr(engine, "time", clock)
 
-    def run(name: str, cold: float, warm: float):
-        def timed():
-            clock.now += cold if name not in calls else warm
-            calls.append(name)
-            return torch.tensor(float(len(calls)))
-
-        return timed
-
-    runs = [run("a", 0.02, 0.002), run("b", 0.003, 0.003)]
+    runs = cold_runs(clock, {"a": (0.02, 0.002), "b": (0.003, 0.003)}, calls)
     clear_caches()
     try:
         engine.fastest(("test-cold-first",), runs, torch.device("cpu"))
