@@ -1196,7 +1196,7 @@ class _Exploration:
 _EXPLORING: LRUCache[_Exploration] = LRUCache("exploring", maxsize=1024)
 _EXPLORATION_RUNS = [0]  # calls that ran a candidate under measurement
 _MEASUREMENTS = [0]  # calls of _measure: a run during which it grew measured others
-_MEASURING = [0]  # depth of _measure calls (a choice nested in another's run)
+_IN_CALL = [0]  # measurements within one call in progress (_time_interleaved)
 
 
 def exploration_runs() -> int:
@@ -1222,9 +1222,8 @@ def _measure(
     The first call for ``key`` runs ``runs[first]``, timed (twice if it took from
     :data:`_OVER_CALLS_SECONDS` to :data:`_LONG_RUN_SECONDS`: a first run pays
     one-time costs). If that run is short (under :data:`_OVER_CALLS_SECONDS`), all
-    runs are measured right away, in interleaved rounds (:func:`_time_interleaved`),
-    as is a choice nested in another one's run (the TN's contraction inside a
-    kernel-vs-TN choice). Otherwise measuring them now
+    runs are measured right away, in interleaved rounds (:func:`_time_interleaved`).
+    Otherwise measuring them now
     would multiply this call's time by several times their number (``DiagGGNExact``
     on ResNet-18, batch 8: 36 s instead of 11 s, for candidates within 15 % of each
     other). Instead each of the next calls runs one of them, timed, in the same
@@ -1235,8 +1234,11 @@ def _measure(
     differences between the runs. Each run is timed where it really runs, amid the
     caller's other work. ``runs`` must list the same computations in the same order
     on every call (on that call's tensors). A run during which a nested choice was
-    measured is no sample (:func:`_timed`) and runs again on the next call; a run
-    that raises ends the measuring (the next call starts afresh).
+    measured is no sample (:func:`_timed`) and runs again on the next call, so the
+    outer choice times the nested one's choice; a nested choice that is measured over
+    calls makes the outer one measured over calls too, and inside a measurement
+    within one call a nested choice is measured within it as well. A run that raises
+    ends the measuring (the next call starts afresh).
 
     Args:
         key: Identifies the problem.
@@ -1255,11 +1257,7 @@ def _measure(
     choose = choose or (lambda times: min(range(len(times)), key=times.__getitem__))
     signature = len(runs) if signature is None else signature
     _MEASUREMENTS[0] += 1
-    _MEASURING[0] += 1
-    try:
-        return _measure_call(key, runs, device, choose, first, signature)
-    finally:
-        _MEASURING[0] -= 1
+    return _measure_call(key, runs, device, choose, first, signature)
 
 
 def _measure_call(
@@ -1270,34 +1268,47 @@ def _measure_call(
     first: int,
     signature: Hashable,
 ) -> Tuple[Tensor, int, Optional[int]]:
-    """:func:`_measure`'s body (``_MEASURING`` counts this call as running)."""
+    """:func:`_measure`'s body."""
     exploring = _EXPLORING.get(key)
     if exploring is not None and exploring.signature != signature:
         _EXPLORING.pop(key)  # other runs than before: start afresh
         exploring = None
     if exploring is None:
+        explored = _EXPLORATION_RUNS[0]
         result, elapsed = _timed(runs[first], device)
         if len(runs) == 1:
             return result, first, first
-        if elapsed is None or _OVER_CALLS_SECONDS <= elapsed < _LONG_RUN_SECONDS:
+        # a nested choice measured over calls (it advanced): so is this one
+        spread = _EXPLORATION_RUNS[0] != explored
+        if not spread and (
+            elapsed is None or _OVER_CALLS_SECONDS <= elapsed < _LONG_RUN_SECONDS
+        ):
             # a first run pays one-time costs (a tiny problem's first kernel call
-            # can take milliseconds; a nested choice measured itself): a second run
-            # tells short from long
+            # can take milliseconds; a nested choice measured itself within it): a
+            # second run tells short from long
             del result
             result, elapsed = _timed(runs[first], device)
-        # a choice nested in another's run is measured within that run: measuring
-        # over calls would leave the outer choice timing unchosen inner candidates
-        nested = _MEASURING[0] > 1
-        if elapsed is not None and elapsed >= _OVER_CALLS_SECONDS and not nested:
+            spread = _EXPLORATION_RUNS[0] != explored
+        over_calls = spread or (elapsed is not None and elapsed >= _OVER_CALLS_SECONDS)
+        # inside a measurement within one call, a nested choice is measured within
+        # it too: over calls, that measurement would time unchosen candidates
+        if over_calls and not _IN_CALL[0]:
             order = [first] + [i for i in range(len(runs)) if i != first]
             best, spent = [math.inf] * len(runs), [0.0] * len(runs)
-            best[first] = spent[first] = elapsed
-            state = _Exploration(best, spent, order[1:], order, signature)
-            _EXPLORING.put(key, state)
+            queue = order[1:]
+            if elapsed is None:  # no sample yet: the first round starts over
+                queue = order[:]
+            else:
+                best[first] = spent[first] = elapsed
+            _EXPLORING.put(key, _Exploration(best, spent, queue, order, signature))
             _EXPLORATION_RUNS[0] += 1
             return result, first, None
         del result  # short: that run warmed up; measure them all now
-        result, index = _time_interleaved(runs, device, choose)
+        _IN_CALL[0] += 1
+        try:
+            result, index = _time_interleaved(runs, device, choose)
+        finally:
+            _IN_CALL[0] -= 1
         return result, index, index
     ran = exploring.queue[0]
     try:
