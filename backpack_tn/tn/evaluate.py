@@ -473,9 +473,13 @@ def _prepare_operand(net: TensorNetwork, op: Operand, tensor: Tensor, drop) -> T
 
 def _contract(net: TensorNetwork, operands: list, epilogue: bool = True) -> Tensor:
     """Contract materialised operands (plan from the cache) and apply the epilogue."""
-    result = _by_symmetry(symmetry_forms(net), operands)
-    if result is not None:
-        return result
+    # both symmetric forms need the second half of the operands to be the first's
+    # tensors: checked before looking the forms up (per tap of a per-tap loop)
+    half = len(operands) // 2
+    if len(operands) % 2 == 0 and operands[0] is operands[half]:
+        result = _by_symmetry(symmetry_forms(net), operands)
+        if result is not None:
+            return result
     tensor = operands[0]
     shapes = [tuple(o.shape) for o in operands]
     plan = _plan(net.equation, shapes, tensor.dtype, tensor.device)
@@ -1097,6 +1101,17 @@ def _timed(
     return result, None if _MEASUREMENTS[0] != measured else elapsed
 
 
+def _round_runs(order: List[int], rounds: int, spent: Sequence[float]) -> List[int]:
+    """The runs of round ``rounds`` (counted from 0), in the order they run.
+
+    All runs in the first :data:`_MIN_ROUNDS` rounds, later only those that have
+    spent under :data:`_MIN_MEASURE_SECONDS`; every other round in reverse order.
+    """
+    if rounds % 2:
+        order = order[::-1]
+    return [i for i in order if rounds < _MIN_ROUNDS or spent[i] < _MIN_MEASURE_SECONDS]
+
+
 def _time_interleaved(
     runs: Sequence[Callable[[], Tensor]],
     device: torch.device,
@@ -1121,14 +1136,10 @@ def _time_interleaved(
         return _timed(runs[i], device)
 
     for rounds in range(_MAX_ROUNDS):
-        timed = [
-            i
-            for i in range(len(runs))
-            if rounds < _MIN_ROUNDS or spent[i] < _MIN_MEASURE_SECONDS
-        ]
+        timed = _round_runs(list(range(len(runs))), rounds, spent)
         if not timed:
             break
-        for i in timed if rounds % 2 == 0 else reversed(timed):
+        for i in timed:
             result, elapsed = timed_run(i)
             if elapsed is None or elapsed < _LONG_RUN_SECONDS:
                 # that run only warmed up (or measured a nested choice): time another
@@ -1183,12 +1194,7 @@ class _Exploration:
         """Queue the next round's runs (as :func:`_time_interleaved` picks them)."""
         if self.rounds >= _MAX_ROUNDS:
             return False
-        order = self.order if self.rounds % 2 == 0 else self.order[::-1]
-        self.queue = [
-            i
-            for i in order
-            if self.rounds < _MIN_ROUNDS or self.spent[i] < _MIN_MEASURE_SECONDS
-        ]
+        self.queue = _round_runs(self.order, self.rounds, self.spent)
         self.rounds += 1
         return bool(self.queue)
 
@@ -1258,18 +1264,6 @@ def _measure(
     choose = choose or (lambda times: min(range(len(times)), key=times.__getitem__))
     signature = len(runs) if signature is None else signature
     _MEASUREMENTS[0] += 1
-    return _measure_call(key, runs, device, choose, first, signature)
-
-
-def _measure_call(
-    key: tuple,
-    runs: Sequence[Callable[[], Tensor]],
-    device: torch.device,
-    choose: Callable[[Sequence[float]], int],
-    first: int,
-    signature: Hashable,
-) -> Tuple[Tensor, int, Optional[int]]:
-    """:func:`_measure`'s body."""
     exploring = _EXPLORING.get(key)
     if exploring is not None and exploring.signature != signature:
         _EXPLORING.pop(key)  # other runs than before: start afresh
