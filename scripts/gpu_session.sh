@@ -73,6 +73,7 @@ check() {
         "tests/test_dropout.py::test_devices" -q -p no:cacheprovider --junitxml="$results/junit.xml"
     step main 60 $py -m backpack_tn --device $dev --batch-size 64 --repeats 3
     step overhead 30 $py -m backpack_tn.bench.overhead --device $dev
+    [[ $phase == all ]] && return  # the zoo's DeepOBS run covers 3c3d
     step smoke_3c3d 120 $bench $py -m backpack_tn.bench --models 3c3d --device $dev \
         --batch-size 32 --repeats 3 --json "$results/zoo_3c3d_$dev.json"
 }
@@ -80,10 +81,12 @@ check() {
 benchmarks() {
     step models_resnet18 150 $bench $py -m backpack_tn.bench.models --model resnet18 \
         --batch-size 8 --device $dev --repeats 3 \
-        --extensions BatchGrad DiagGGNExact DiagGGNMC
+        --extensions BatchGrad DiagGGNExact DiagGGNMC SumGradSquared BatchL2Grad
     step kfac_resnet18 60 $bench $py -m backpack_tn.bench.kfac --model resnet18 \
         --batch-size 8 --device $dev --repeats 3
-    for m in deepobs resnet18 alexnet mobilenet_v2 convnext_base inception_v3 resnext101; do
+    step models_allcnnc 60 $bench $py -m backpack_tn.bench.models --model allcnnc \
+        --batch-size 64 --device $dev --repeats 3 --extensions KFAC BatchGrad
+    for m in deepobs resnet18 alexnet convnext_base mobilenet_v2 inception_v3 resnext101; do
         models=$m batch=8
         [[ $m == deepobs ]] && models="3c3d 2c2d allcnnc" batch=32
         # shellcheck disable=SC2086
