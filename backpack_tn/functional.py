@@ -28,8 +28,9 @@ from backpack_tn.tn.evaluate import (
     fastest,
     fastest_choice,
     get_autotune,
-    kernel_settings,
     native_allowed,
+    plan_settings,
+    prepared_run,
 )
 from backpack_tn.tn.geometry import ConvGeometry, IntOrTuple, Padding, make_geometry
 from backpack_tn.tn.shifts import (
@@ -98,7 +99,7 @@ def _geometry(
         groups,
         padding_mode,
     )
-    if all(map(_exact, args[1:])):
+    if _all_exact(args[1:]):
         geometry = _cached_geometry(*args)
     else:  # e.g. a list, or a float equal to a cached int: validate uncached
         geometry = make_geometry(*args)
@@ -244,53 +245,134 @@ def _identity(tensor: Tensor) -> Tensor:
     return tensor
 
 
-#: Call signatures (operation, tensor shapes, hyper-parameters, dtype, device,
-#: settings) for which torch's kernel was chosen: the kernel's arguments and the
-#: weight shape.
-#: Validation, the geometry and the kernel-vs-TN decision depend on nothing else, so
-#: a repeated call goes straight to the kernel. Their 10–20 µs of Python were as long
-#: as the kernel itself on a GPU (H100: forward at 0.76× of a bare ``F.conv2d``).
-_KERNEL_CALLS: LRUCache[tuple] = LRUCache("kernel-calls", maxsize=4096)
+#: A decided call: a function of the call's tensors, positional as the public function
+#: takes them, that runs what the first calls of that signature chose.
+Plan = Callable[..., Tensor]
+
+#: Call signatures (operation, tensor shapes and dtypes, device, hyper-parameters, the
+#: engine's settings) whose computation is decided: its :data:`Plan`.
+#: Validation, the geometry, the kernel-vs-TN and TN-vs-trick choices and the
+#: engine's look-ups depend on nothing else, so a repeated call runs its torch calls
+#: and little else. Their 20–40 µs of Python were as long as the kernels on a GPU
+#: (H100: forward at 0.76× of a bare ``F.conv2d``; H200: per-sample gradients at
+#: 0.66–0.70× of unfold and einsum on ResNet-18's 3×3 layers, 40–60 µs more).
+_CALL_PLANS: LRUCache[Plan] = LRUCache("call-plans", maxsize=4096)
 
 
 def _lookup(
     name: str, tensors: Sequence[Optional[Tensor]], *hyper
-) -> Tuple[Optional[tuple], Optional[tuple]]:
-    """The call's key in :data:`_KERNEL_CALLS` and what is stored under it.
+) -> Tuple[Optional[tuple], Optional[Plan]]:
+    """The call's key in :data:`_CALL_PLANS` and the plan stored under it.
 
     The key is ``None`` unless every hyper-parameter is exactly an ``int``, ``bool``
     or ``str`` or a tuple of ``int``: then the full path runs (and validates) and
     nothing is remembered. Python's ``1 == 1.0 == True`` would otherwise let a call
     with a float stride, which validation rejects, reuse an int call's entry.
     """
-    if not all(map(_exact, hyper)):
+    if not _all_exact(hyper):
         return None, None
-    first = tensors[0]
-    shapes = tuple(None if t is None else t.shape for t in tensors)
+    device = tensors[0].device
+    described = tuple(None if t is None else (t.shape, t.dtype) for t in tensors)
     types = tuple(map(type, hyper))  # True vs 1
-    key = (name, first.dtype, first.device, *shapes, *hyper, types, *kernel_settings())
-    return key, _KERNEL_CALLS.get(key)
+    key = (name, device, described, hyper, types, plan_settings(device))
+    return key, _CALL_PLANS.get(key)
 
 
-def _exact(value) -> bool:
-    kind = type(value)
-    if kind is torch.Size:
-        return True
-    if kind is tuple:
-        return all(type(v) is int for v in value)
-    return kind is int or kind is bool or kind is str
+def _remember(signature: Optional[tuple], plan: Optional[Plan]) -> None:
+    """Keep ``plan`` for later calls of ``signature`` (if both are known)."""
+    if signature is not None and plan is not None:
+        _CALL_PLANS.put(signature, plan)
+
+
+def _all_exact(values: tuple) -> bool:
+    """Whether every value is exactly an int, bool, str, ``torch.Size`` or int tuple.
+
+    One loop rather than a function per value: it runs on every call.
+    """
+    for value in values:
+        kind = type(value)
+        if kind is int or kind is bool or kind is str or kind is torch.Size:
+            continue
+        if kind is not tuple:
+            return False
+        for item in value:
+            if type(item) is not int:
+                return False
+    return True
+
+
+def _finish_nothing(out: Tensor, *tensors: Tensor) -> Tensor:
+    return out
+
+
+class _Network:
+    """A network evaluation of a call, as a function of the call's tensors.
+
+    ``arrange`` maps the call's tensors to the named, grouped tensors of the networks;
+    ``finish`` maps the result (and the call's tensors) to the returned layout.
+    """
+
+    __slots__ = ("formulations", "arrange", "finish")
+
+    def __init__(
+        self,
+        op: str,
+        geometry: ConvGeometry,
+        simplify: bool,
+        arrange: Callable[..., Dict[str, Tensor]],
+        finish: Callable[..., Tensor] = _finish_nothing,
+        **options,
+    ):
+        self.formulations = networks(op, geometry, simplify, **options)
+        self.arrange = arrange
+        self.finish = finish
+
+    def __call__(self, *tensors: Tensor) -> Tensor:
+        return self.finish(
+            evaluate(self.formulations, self.arrange(*tensors)), *tensors
+        )
+
+    def plan(self, *tensors: Tensor) -> Optional[Plan]:
+        """The evaluation without the engine's look-ups, once the engine has decided."""
+        run = prepared_run(self.formulations, self.arrange(*tensors))
+        if run is None:
+            return None
+        arrange, finish = self.arrange, self.finish
+        return lambda *call: finish(run(arrange(*call)), *call)
+
+
+def _plan_of(candidate: Callable[..., Tensor], tensors: Sequence) -> Optional[Plan]:
+    """A candidate's plan: a network's prepared evaluation, else the function itself."""
+    plan = getattr(candidate, "plan", None)
+    return candidate if plan is None else plan(*tensors)
+
+
+def _chosen(
+    key: tuple,
+    candidates: Sequence[Callable[..., Tensor]],
+    tensors: Sequence,
+    device: torch.device,
+    keep_first_on_ties: bool = False,
+) -> Tuple[Tensor, Optional[Plan]]:
+    """:func:`fastest` of functions of the call's tensors, and the plan once decided."""
+    runs = [functools.partial(c, *tensors) for c in candidates]
+    if keep_first_on_ties:
+        result = fastest(key, runs, device, keep_first_on_ties=True)
+    else:
+        result = fastest(key, runs, device)
+    index = fastest_choice(key)
+    return result, None if index is None else _plan_of(candidates[index], tensors)
 
 
 def _kernel_or_tn(
     name: str,
     native: Optional[dict],
-    kernel: Callable[[dict], Tensor],
-    tn: Callable[[], Tensor],
+    kernel: Callable[..., Tensor],
+    tn: _Network,
     geometry: ConvGeometry,
     tensors: Sequence[Optional[Tensor]],
     weight_shape: Sequence[int],
-    signature: Optional[tuple] = None,
-) -> Tensor:
+) -> Tuple[Tensor, Optional[Plan]]:
     """Torch's convolution kernel, or the TN where it measured faster on the problem.
 
     Torch's (oneDNN/cuDNN) kernels win on most layers but not all: on a CPU the TN
@@ -300,11 +382,13 @@ def _kernel_or_tn(
     Where torch's kernel does not apply (``native`` is ``None``) the TN runs;
     problems under the autotuning threshold
     (:func:`backpack_tn.tn.evaluate.set_autotune`) are not measured: the kernel runs.
-    ``kernel`` gets the kernel arguments ``native``. Where the kernel is chosen, it is
-    remembered under the call's ``signature`` (:data:`_KERNEL_CALLS`).
+    ``kernel`` and ``tn`` are functions of the call's ``tensors``.
+
+    Returns:
+        The result, and the call's plan once decided.
     """
     if native is None:
-        return tn()
+        return tn(*tensors), tn.plan(*tensors)
     enabled, threshold = get_autotune()
     first = tensors[0]
     # 2 · N · C_out · C_in/G · ΠK · ΠO
@@ -312,10 +396,7 @@ def _kernel_or_tn(
         2 * first.shape[0] * math.prod(weight_shape) * math.prod(geometry.output_size)
     )
     if not enabled or flops < threshold:
-        result = kernel(native)
-        if signature is not None:
-            _KERNEL_CALLS.put(signature, (native, tuple(weight_shape)))
-        return result
+        return kernel(*tensors), kernel
     key = (
         name,
         tuple(None if t is None else tuple(t.shape) for t in tensors),
@@ -326,20 +407,12 @@ def _kernel_or_tn(
     # the TN replaces the kernel only where it is clearly faster: on ties the kernel
     # stays, whose memory is the stock computation's (Inception-v3's 3×3 32→32 at
     # 149²: both 33 ms, the TN's window contraction 64 MiB against torch's 43 MiB)
-    runs = [functools.partial(kernel, native), tn]
-    result = fastest(key, runs, first.device, keep_first_on_ties=True)
-    if signature is not None and fastest_choice(key) == 0:
-        _KERNEL_CALLS.put(signature, (native, tuple(weight_shape)))
-    return result
+    return _chosen(key, [kernel, tn], tensors, first.device, keep_first_on_ties=True)
 
 
 #: Per-sample weight VJPs try BackPACK's grouped-convolution trick up to this many
 #: input channels per group.
 _TRICK_MAX_GROUP_CHANNELS = 4
-
-
-def _run(op: str, geometry: ConvGeometry, simplify: bool, tensors: dict, **options):
-    return evaluate(networks(op, geometry, simplify, **options), tensors)
 
 
 def conv(
@@ -376,9 +449,9 @@ def conv(
         ValueError: For inconsistent shapes or invalid hyper-parameters.
     """
     hyper = (stride, padding, dilation, groups, padding_mode, simplify)
-    signature, known = _lookup("forward", (x, weight, bias), *hyper)
-    if known is not None:
-        return _TORCH_CONV[x.dim() - 2](x, weight, bias, **known[0])
+    signature, plan = _lookup("forward", (x, weight, bias), *hyper)
+    if plan is not None:
+        return plan(x, weight, bias)
     num_dims = _spatial_dims(x)
     _check_rank(weight, "weight", num_dims + 2, "[C_out, C_in / groups, *K]")
     geometry = _geometry(
@@ -391,28 +464,30 @@ def conv(
             f"weight.shape[1] * groups ({weight.shape[1]} * {groups}) must equal the "
             f"input channels ({x.shape[1]})."
         )
+    grouped_weight = (groups, c_out // groups, *weight.shape[1:])
+    output_shape = (x.shape[0], c_out, *geometry.output_size)
+    bias_shape = (1, -1, *([1] * num_dims))
 
-    def tn() -> Tensor:
-        tensors = {
-            "x": _group_input(x, groups),
-            "w": weight.reshape(groups, c_out // groups, *weight.shape[1:]),
-        }
-        out = _run("forward", geometry, simplify, tensors)
-        out = out.reshape(x.shape[0], c_out, *geometry.output_size)
-        if bias is not None:
-            out = out + bias.reshape(1, -1, *([1] * num_dims))
-        return out
+    def arrange(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> dict:
+        return {"x": _group_input(x, groups), "w": weight.reshape(grouped_weight)}
 
-    return _kernel_or_tn(
+    def finish(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+        out = out.reshape(output_shape)
+        return out if bias is None else out + bias.reshape(bias_shape)
+
+    native = _native(geometry, simplify)
+    convolve = _TORCH_CONV.get(num_dims)
+    result, plan = _kernel_or_tn(
         "forward",
-        _native(geometry, simplify),
-        lambda native: _TORCH_CONV[num_dims](x, weight, bias, **native),
-        tn,
+        native,
+        lambda x, weight, bias: convolve(x, weight, bias, **native),
+        _Network("forward", geometry, simplify, arrange, finish),
         geometry,
         (x, weight, bias),
         weight.shape,
-        signature,
     )
+    _remember(signature, plan)
+    return result
 
 
 def unfold(
@@ -441,15 +516,26 @@ def unfold(
     Returns:
         ``[N, C·ΠK, ΠO]``, channel-major within each column as ``F.unfold``.
     """
+    hyper = (kernel_size, stride, padding, dilation, groups, padding_mode, simplify)
+    signature, plan = _lookup("unfold", (x,), *hyper)
+    if plan is not None:
+        return plan(x)
     _spatial_dims(x)
     geometry = _geometry(
         x.shape, kernel_size, stride, padding, dilation, groups, padding_mode
     )
-    out = _run("unfold", geometry, simplify, {"x": _group_input(x, 1)})
     n, c = x.shape[:2]
-    return out.reshape(
-        n, c * math.prod(geometry.kernel_size), math.prod(geometry.output_size)
+    shape = (n, c * math.prod(geometry.kernel_size), math.prod(geometry.output_size))
+    tn = _Network(
+        "unfold",
+        geometry,
+        simplify,
+        lambda x: {"x": _group_input(x, 1)},
+        lambda out, x: out.reshape(shape),
     )
+    result = tn(x)
+    _remember(signature, tn.plan(x))
+    return result
 
 
 def input_vjp(
@@ -484,9 +570,9 @@ def input_vjp(
     if type(input_shape) is not torch.Size:  # a Size holds ints already
         input_shape = tuple(int(s) for s in input_shape)
     hyper = (stride, padding, dilation, groups, padding_mode, simplify)
-    signature, known = _lookup("input_vjp", (grad_output, weight), input_shape, *hyper)
-    if known is not None:
-        return _convolution_backward(grad_output, None, weight, known[0], input_shape)
+    signature, plan = _lookup("input_vjp", (grad_output, weight), input_shape, *hyper)
+    if plan is not None:
+        return plan(grad_output, weight)
     if len(input_shape) < 3:
         raise ValueError(
             f"input_shape must be [N, C_in, *I] with at least one spatial dimension, "
@@ -497,27 +583,35 @@ def input_vjp(
         input_shape, weight.shape[2:], stride, padding, dilation, groups, padding_mode
     )
     _check_output(grad_output, "grad_output", geometry, 1)
+    c_out = weight.shape[0]
+    grouped_weight = (groups, c_out // groups, *weight.shape[1:])
 
-    def tn() -> Tensor:
-        c_out = weight.shape[0]
-        tensors = {
+    def arrange(grad_output: Tensor, weight: Tensor) -> dict:
+        return {
             "v": _group_input(grad_output, groups),
-            "w": weight.reshape(groups, c_out // groups, *weight.shape[1:]),
+            "w": weight.reshape(grouped_weight),
         }
-        return _run("input_vjp", geometry, simplify, tensors).reshape(input_shape)
 
-    return _kernel_or_tn(
+    native = _native(geometry, simplify)
+    result, plan = _kernel_or_tn(
         "input_vjp",
-        _native(geometry, simplify),
-        lambda native: _convolution_backward(
+        native,
+        lambda grad_output, weight: _convolution_backward(
             grad_output, None, weight, native, input_shape
         ),
-        tn,
+        _Network(
+            "input_vjp",
+            geometry,
+            simplify,
+            arrange,
+            lambda out, *_: out.reshape(input_shape),
+        ),
         geometry,
         (grad_output, weight),
         weight.shape,
-        signature,
     )
+    _remember(signature, plan)
+    return result
 
 
 def _x_and_output(
@@ -531,11 +625,13 @@ def _x_and_output(
     dilation,
     groups,
     padding_mode,
-) -> Tuple[ConvGeometry, dict, Tuple[int, ...]]:
-    """Validate an input and a backpropagated tensor; group them.
+) -> Tuple[ConvGeometry, Callable[[Tensor, Tensor], dict], Tuple[int, ...]]:
+    """Validate an input and a backpropagated tensor.
 
     Returns:
-        The geometry, the grouped tensors by name and the weight shape.
+        The geometry, a function grouping tensors of these shapes into the networks'
+        named tensors (``'x'`` and ``'v'`` or, for ``lead == 2``, ``'s'``), and the
+        weight shape.
     """
     _spatial_dims(x)
     geometry = _geometry(
@@ -548,35 +644,36 @@ def _x_and_output(
         )
     c_out = grad.shape[lead]
     shape = grad.shape
-    grouped = grad.reshape(*shape[:lead], groups, c_out // groups, *shape[lead + 1 :])
-    tensors = {"x": _group_input(x, groups), "v" if lead == 1 else "s": grouped}
+    grouped = (*shape[:lead], groups, c_out // groups, *shape[lead + 1 :])
+    name = "v" if lead == 1 else "s"
+
+    def arrange(x: Tensor, grad: Tensor) -> dict:
+        return {"x": _group_input(x, groups), name: grad.reshape(grouped)}
+
     weight_shape = (c_out, x.shape[1] // groups, *geometry.kernel_size)
-    return geometry, tensors, weight_shape
+    return geometry, arrange, weight_shape
 
 
 def _grouped_conv_trick(
-    x: Tensor,
-    grad_output: Tensor,
-    native: Optional[dict],
-    weight_shape: Tuple[int, ...],
-):
+    native: Optional[dict], weight_shape: Tuple[int, ...]
+) -> Optional[Callable[[Tensor, Tensor], Tensor]]:
     """Per-sample kernel gradients from torch's convolution kernel, if sensible.
 
     BackPACK's trick — samples and channels as channel groups of one forward
     convolution with the output gradients as kernels — beats every contraction when
     groups hold few channels (depthwise, first layers); it takes one convolution
-    per input channel of a group, hence only there. Returns a zero-argument function,
-    or ``None`` where torch's kernel does not apply (``native`` is ``None``) or the
-    trick is not worth trying.
+    per input channel of a group, hence only there. Returns a function of the input
+    and the output gradient, or ``None`` where torch's kernel does not apply
+    (``native`` is ``None``) or the trick is not worth trying.
     """
     if native is None or weight_shape[1] > _TRICK_MAX_GROUP_CHANNELS:
         return None
-    n, groups = x.shape[0], native["groups"]
+    groups = native["groups"]
     c_out, per_group = weight_shape[0], weight_shape[1]
     kernel = weight_shape[2:]
-    convolve = _TORCH_CONV[x.dim() - 2]
+    convolve = _TORCH_CONV[len(kernel)]
 
-    def trick() -> Tensor:
+    def trick(x: Tensor, grad_output: Tensor) -> Tensor:
         # W_n[d, c, k] = Σ_o g[n, d, o] · x_pad[n, c, o·S + k·D]: a forward convolution
         # of every (sample, input channel) with the output gradients of the channels
         # it feeds as kernels — stride and dilation swap roles. One convolution per
@@ -584,6 +681,7 @@ def _grouped_conv_trick(
         # they are (a view, if contiguous), where one convolution for all needs them
         # repeated C_in/G times (BackPACK's way: 68 MB for Inception-v3's stem at
         # batch 8, whose first touch cost more than the convolution).
+        n = x.shape[0]
         kernels = grad_output.reshape(n * c_out, 1, *grad_output.shape[2:])
         channels = x.reshape(n, groups, per_group, *x.shape[2:])
         parts = []
@@ -607,23 +705,31 @@ def _grouped_conv_trick(
 
 def _tn_or_trick(
     name: str,
-    tn: Callable[[], Tensor],
+    tn: _Network,
     finish: Callable[[Tensor], Tensor],
     x: Tensor,
     grad_output: Tensor,
     geometry: ConvGeometry,
     native: Optional[dict],
     weight_shape: Tuple[int, ...],
-) -> Tensor:
+) -> Tuple[Tensor, Optional[Plan]]:
     """The TN, or ``finish`` of the grouped-conv trick's per-sample gradients.
 
     Where the trick applies, the faster of the two is measured once per problem.
+
+    Returns:
+        The result, and the call's plan once decided.
     """
-    trick = _grouped_conv_trick(x, grad_output, native, weight_shape)
+    trick = _grouped_conv_trick(native, weight_shape)
     if trick is None:
-        return tn()
+        return tn(x, grad_output), tn.plan(x, grad_output)
     key = (name, tuple(x.shape), tuple(grad_output.shape), geometry, x.dtype)
-    return fastest(key + (x.device,), [tn, lambda: finish(trick())], x.device)
+    return _chosen(
+        key + (x.device,),
+        [tn, lambda x, grad_output: finish(trick(x, grad_output))],
+        (x, grad_output),
+        x.device,
+    )
 
 
 def weight_vjp(
@@ -656,53 +762,54 @@ def weight_vjp(
     Returns:
         ``[C_out, C_in / G, *K]``, or ``[N, C_out, C_in / G, *K]`` if ``per_sample``.
     """
-    signature = None
-    if not per_sample:
-        hyper = (kernel_size, stride, padding, dilation, groups, padding_mode)
-        signature, known = _lookup("weight_vjp", (x, grad_output), *hyper, simplify)
-        if known is not None:
-            native, weight_shape = known
-            return _convolution_backward(grad_output, x, None, native, weight_shape)
-    geometry, tensors, weight_shape = _x_and_output(
-        x,
-        grad_output,
-        "grad_output",
-        1,
-        kernel_size,
-        stride,
-        padding,
-        dilation,
-        groups,
-        padding_mode,
+    hyper = (kernel_size, stride, padding, dilation, groups, padding_mode)
+    signature, plan = _lookup(
+        "weight_vjp", (x, grad_output), *hyper, per_sample, simplify
+    )
+    if plan is not None:
+        return plan(x, grad_output)
+    geometry, arrange, weight_shape = _x_and_output(
+        x, grad_output, "grad_output", 1, *hyper
     )
     native = _native(geometry, simplify)
-
-    def tn() -> Tensor:
-        out = _run("weight_vjp", geometry, simplify, tensors, per_sample=per_sample)
-        return out.reshape((x.shape[0],) * per_sample + weight_shape)
-
-    if not per_sample:
-        return _kernel_or_tn(
+    shape = (x.shape[0],) * per_sample + weight_shape
+    tn = _Network(
+        "weight_vjp",
+        geometry,
+        simplify,
+        arrange,
+        lambda out, *_: out.reshape(shape),
+        per_sample=per_sample,
+    )
+    if per_sample:
+        result, plan = _tn_or_trick(
+            "per_sample", tn, _identity, x, grad_output, geometry, native, weight_shape
+        )
+    else:
+        result, plan = _kernel_or_tn(
             "weight_vjp",
             native,
-            lambda native: _convolution_backward(
+            lambda x, grad_output: _convolution_backward(
                 grad_output, x, None, native, weight_shape
             ),
             tn,
             geometry,
             (x, grad_output),
             weight_shape,
-            signature,
         )
-    return _tn_or_trick(
-        "per_sample", tn, _identity, x, grad_output, geometry, native, weight_shape
-    )
+    _remember(signature, plan)
+    return result
 
 
 def _kfac_input(
     x, kernel_size, stride, padding, dilation, groups, padding_mode, groups_mode
-) -> Tuple[ConvGeometry, Tensor]:
-    """Validate the input of a KFAC statistic; group it (and average the groups)."""
+) -> Tuple[ConvGeometry, Callable[[Tensor], Tensor]]:
+    """Validate the input of a KFAC statistic.
+
+    Returns:
+        The geometry and the function grouping such an input ``[N, C_in, *I]`` into
+        ``[N, G', C_in/G, *I]``: the group average (``G' = 1``) or every group.
+    """
     if groups_mode not in GROUPS_MODES:
         raise ValueError(
             f"groups_mode must be one of {GROUPS_MODES}, got {groups_mode!r}."
@@ -712,36 +819,53 @@ def _kfac_input(
         x.shape, kernel_size, stride, padding, dilation, groups, padding_mode
     )
     if groups_mode == "average":
-        return geometry, group_average(x, groups).unsqueeze(1)
-    return geometry, _group_input(x, groups)
+        return geometry, lambda x: group_average(x, groups).unsqueeze(1)
+    return geometry, lambda x: _group_input(x, groups)
 
 
 def _kfac_runs(
-    grouped: Tensor, geometry: ConvGeometry, approx: str, simplify: bool
-) -> Dict[str, Callable[[], Tensor]]:
+    geometry: ConvGeometry, approx: str, simplify: bool, channels: int
+) -> Dict[str, Callable[[Tensor], Tensor]]:
     """The ways to compute a KFAC input factor (unscaled), by name, TN first.
 
-    The KFAC-expand factor is a Gram matrix, which the engine evaluates by its block
-    upper triangle (:func:`backpack_tn.tn.evaluate.gram_form`); with stride 1 the
-    shift-structured Gram needs far fewer products still, but on small maps of wide
-    layers its box sums outweigh them; with a larger stride the same holds over the
-    input's phases where kernels are large (polyphase Gram). The caller measures.
+    Each is a function of the grouped input ``[N, G', C_in/G, *I]`` (``channels``
+    is ``C_in/G``). The KFAC-expand factor is a Gram matrix, which the engine
+    evaluates by its block upper triangle
+    (:func:`backpack_tn.tn.evaluate.gram_form`); with stride 1 the shift-structured
+    Gram needs far fewer products still, but on small maps of wide layers its box
+    sums outweigh them; with a larger stride the same holds over the input's phases
+    where kernels are large (polyphase Gram). The caller measures.
     """
     runs = {
-        "tn": lambda: _run(
-            "kfac_input", geometry, simplify, {"x": grouped}, approx=approx
+        "tn": _Network(
+            "kfac_input",
+            geometry,
+            simplify,
+            lambda grouped: {"x": grouped},
+            approx=approx,
         )
     }
     if approx != "expand" or not simplify:
         return runs
-    problems = grouped.transpose(0, 1)  # [G, N, C/G, *I]
     if supports_shift_gram(geometry):
-        runs["shift"] = functools.partial(shift_gram, problems, geometry)
+        runs["shift"] = _per_group(shift_gram, geometry)
     elif supports_polyphase_gram(geometry):
-        poly, tn = polyphase_products(geometry, grouped.shape[2])
+        poly, tn = polyphase_products(geometry, channels)
         if poly < tn:  # large kernels at a small stride; never 3×3 at stride 2
-            runs["polyphase"] = functools.partial(polyphase_gram, problems, geometry)
+            runs["polyphase"] = _per_group(polyphase_gram, geometry)
     return runs
+
+
+def _per_group(
+    gram: Callable[[Tensor, ConvGeometry], Tensor], geometry: ConvGeometry
+) -> Callable[[Tensor], Tensor]:
+    """``gram`` of every group, a function of the grouped input named as ``gram``."""
+
+    def run(grouped: Tensor) -> Tensor:
+        return gram(grouped.transpose(0, 1), geometry)  # [G, N, C/G, *I]
+
+    run.__name__ = gram.__name__
+    return run
 
 
 def kfac_input_factor(
@@ -787,26 +911,38 @@ def kfac_input_factor(
     Raises:
         ValueError: For unknown ``approx``/``groups_mode`` or invalid hyper-parameters.
     """
+    hyper = (kernel_size, stride, padding, dilation, groups, padding_mode)
+    signature, plan = _lookup(
+        "kfac_input_factor", (x,), *hyper, approx, groups_mode, simplify
+    )
+    if plan is not None:
+        return plan(x)
     if approx not in KFAC_APPROXIMATIONS:
         raise ValueError(
             f"approx must be one of {KFAC_APPROXIMATIONS}, got {approx!r}."
         )
-    geometry, grouped = _kfac_input(
-        x, kernel_size, stride, padding, dilation, groups, padding_mode, groups_mode
-    )
-
-    runs = _kfac_runs(grouped, geometry, approx, simplify)
+    geometry, group = _kfac_input(x, *hyper, groups_mode)
+    grouped = group(x)
+    runs = list(_kfac_runs(geometry, approx, simplify, grouped.shape[2]).values())
     if len(runs) > 1:
         key = ("kfac_expand", tuple(grouped.shape), geometry, x.dtype, x.device)
-        out = fastest(key, list(runs.values()), x.device)
+        out, chosen = _chosen(key, runs, (grouped,), x.device)
     else:
-        out = runs["tn"]()
+        out, chosen = runs[0](grouped), runs[0].plan(grouped)
     scale = 1.0 / x.shape[0]
     if approx == "reduce":
         scale /= math.prod(geometry.output_size) ** 2
     dim = x.shape[1] // groups * math.prod(geometry.kernel_size)
-    out = out.mul_(scale).reshape(grouped.shape[1], dim, dim)
-    return out[0] if groups_mode == "average" else out
+    shape = (grouped.shape[1], dim, dim)
+    average = groups_mode == "average"
+
+    def finish(out: Tensor) -> Tensor:
+        out = out.mul_(scale).reshape(shape)
+        return out[0] if average else out
+
+    if chosen is not None:
+        _remember(signature, lambda x: finish(chosen(group(x))))
+    return finish(out)
 
 
 def averaged_patches(
@@ -846,13 +982,23 @@ def averaged_patches(
     Raises:
         ValueError: For an unknown ``groups_mode`` or invalid hyper-parameters.
     """
-    geometry, grouped = _kfac_input(
-        x, kernel_size, stride, padding, dilation, groups, padding_mode, groups_mode
-    )
-    out = _run("patch_sum", geometry, simplify, {"x": grouped})
-    out = out.div_(math.prod(geometry.output_size))
-    out = out.reshape(x.shape[0], grouped.shape[1], -1)
-    return out[:, 0] if groups_mode == "average" else out
+    hyper = (kernel_size, stride, padding, dilation, groups, padding_mode)
+    signature, plan = _lookup("averaged_patches", (x,), *hyper, groups_mode, simplify)
+    if plan is not None:
+        return plan(x)
+    geometry, group = _kfac_input(x, *hyper, groups_mode)
+    positions = math.prod(geometry.output_size)
+    average = groups_mode == "average"
+    lead = (x.shape[0], 1 if average else groups, -1)
+
+    def finish(out: Tensor, x: Tensor) -> Tensor:
+        out = out.div_(positions).reshape(lead)
+        return out[:, 0] if average else out
+
+    tn = _Network("patch_sum", geometry, simplify, lambda x: {"x": group(x)}, finish)
+    result = tn(x)
+    _remember(signature, tn.plan(x))
+    return result
 
 
 def sqrt_ggn_weight(
@@ -890,12 +1036,23 @@ def sqrt_ggn_weight(
         ``[V, N, C_out, C_in / G, *K]``, or ``[V, C_out, C_in / G, *K]`` if
         ``sum_batch``.
     """
-    geometry, tensors, weight_shape = _x_and_output(
-        x, S, "S", 2, kernel_size, stride, padding, dilation, groups, padding_mode
+    hyper = (kernel_size, stride, padding, dilation, groups, padding_mode)
+    signature, plan = _lookup("sqrt_ggn_weight", (x, S), *hyper, sum_batch, simplify)
+    if plan is not None:
+        return plan(x, S)
+    geometry, arrange, weight_shape = _x_and_output(x, S, "S", 2, *hyper)
+    shape = (*(S.shape[:1] if sum_batch else S.shape[:2]), *weight_shape)
+    tn = _Network(
+        "sqrt_ggn",
+        geometry,
+        simplify,
+        arrange,
+        lambda out, *_: out.reshape(shape),
+        sum_batch=sum_batch,
     )
-    out = _run("sqrt_ggn", geometry, simplify, tensors, sum_batch=sum_batch)
-    lead = S.shape[:1] if sum_batch else S.shape[:2]
-    return out.reshape(*lead, *weight_shape)
+    result = tn(x, S)
+    _remember(signature, tn.plan(x, S))
+    return result
 
 
 def diag_ggn_weight(
@@ -930,11 +1087,23 @@ def diag_ggn_weight(
     Returns:
         ``weight.shape``, or ``[N, *weight.shape]`` if ``per_sample``.
     """
-    geometry, tensors, weight_shape = _x_and_output(
-        x, S, "S", 2, kernel_size, stride, padding, dilation, groups, padding_mode
+    hyper = (kernel_size, stride, padding, dilation, groups, padding_mode)
+    signature, plan = _lookup("diag_ggn_weight", (x, S), *hyper, per_sample, simplify)
+    if plan is not None:
+        return plan(x, S)
+    geometry, arrange, weight_shape = _x_and_output(x, S, "S", 2, *hyper)
+    shape = (x.shape[0],) * per_sample + weight_shape
+    tn = _Network(
+        "diag_ggn",
+        geometry,
+        simplify,
+        arrange,
+        lambda out, *_: out.reshape(shape),
+        per_sample=per_sample,
     )
-    out = _run("diag_ggn", geometry, simplify, tensors, per_sample=per_sample)
-    return out.reshape((x.shape[0],) * per_sample + weight_shape)
+    result = tn(x, S)
+    _remember(signature, tn.plan(x, S))
+    return result
 
 
 def batch_l2_weight(
@@ -968,29 +1137,27 @@ def batch_l2_weight(
     Returns:
         ``[N]``.
     """
-    geometry, tensors, weight_shape = _x_and_output(
-        x,
-        grad_output,
-        "grad_output",
-        1,
-        kernel_size,
-        stride,
-        padding,
-        dilation,
-        groups,
-        padding_mode,
+    hyper = (kernel_size, stride, padding, dilation, groups, padding_mode)
+    signature, plan = _lookup("batch_l2_weight", (x, grad_output), *hyper, simplify)
+    if plan is not None:
+        return plan(x, grad_output)
+    geometry, arrange, weight_shape = _x_and_output(
+        x, grad_output, "grad_output", 1, *hyper
     )
-
-    def tn() -> Tensor:
-        return _run("batch_l2", geometry, simplify, tensors).reshape(x.shape[0])
+    batch = x.shape[:1]
+    tn = _Network(
+        "batch_l2", geometry, simplify, arrange, lambda out, *_: out.reshape(batch)
+    )
 
     def finish(per_sample: Tensor) -> Tensor:
         return per_sample.flatten(1).square().sum(1)
 
     native = _native(geometry, simplify)
-    return _tn_or_trick(
+    result, plan = _tn_or_trick(
         "batch_l2", tn, finish, x, grad_output, geometry, native, weight_shape
     )
+    _remember(signature, plan)
+    return result
 
 
 def sum_grad_squared_weight(
@@ -1021,27 +1188,27 @@ def sum_grad_squared_weight(
     Returns:
         ``[C_out, C_in / G, *K]``.
     """
-    geometry, tensors, weight_shape = _x_and_output(
-        x,
-        grad_output,
-        "grad_output",
-        1,
-        kernel_size,
-        stride,
-        padding,
-        dilation,
-        groups,
-        padding_mode,
+    hyper = (kernel_size, stride, padding, dilation, groups, padding_mode)
+    signature, plan = _lookup("sum_grad_squared", (x, grad_output), *hyper, simplify)
+    if plan is not None:
+        return plan(x, grad_output)
+    geometry, arrange, weight_shape = _x_and_output(
+        x, grad_output, "grad_output", 1, *hyper
     )
-
-    def tn() -> Tensor:
-        out = _run("sum_grad_squared", geometry, simplify, tensors)
-        return out.reshape(weight_shape)
+    tn = _Network(
+        "sum_grad_squared",
+        geometry,
+        simplify,
+        arrange,
+        lambda out, *_: out.reshape(weight_shape),
+    )
 
     def finish(per_sample: Tensor) -> Tensor:
         return per_sample.square().sum(0)
 
     native = _native(geometry, simplify)
-    return _tn_or_trick(
+    result, plan = _tn_or_trick(
         "sum_grad_squared", tn, finish, x, grad_output, geometry, native, weight_shape
     )
+    _remember(signature, plan)
+    return result

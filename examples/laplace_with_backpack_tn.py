@@ -97,12 +97,14 @@ def train(model: nn.Module, x, y, epochs: int, batch_size: int = 64) -> float:
 
 
 def contractions() -> int:
-    """TN evaluations so far (evidence that the TN engine ran).
+    """Look-ups of the engine's plans so far (evidence that the TN engine ran).
 
-    Every evaluation first looks for its prepared call (plan once, run many).
+    Every call of ``backpack_tn.functional`` first looks for its call's plan, and
+    every TN evaluation outside such a plan for its prepared contraction (plan
+    once, run many).
     """
-    stats = backpack_tn.cache_stats()["prepared"]
-    return stats.hits + stats.misses
+    stats = backpack_tn.cache_stats()
+    return sum(stats[n].hits + stats[n].misses for n in ("call-plans", "prepared"))
 
 
 def fit(model, loader, structure: str, backend, tn: bool):

@@ -123,7 +123,7 @@ def test_grouped_conv_trick(case):
     module, x, _, grad_out, _, _ = forward_with_grads(case)
     geometry = _geometry(x.shape, module.kernel_size, **case.hyper)
     native = _native(geometry, True)
-    trick = _grouped_conv_trick(x, grad_out, native, tuple(module.weight.shape))
+    trick = _grouped_conv_trick(native, tuple(module.weight.shape))
     few_channels = case.c_in // case.groups <= 4
     if trick is None:
         zero_padded = all(
@@ -133,7 +133,7 @@ def test_grouped_conv_trick(case):
         assert not (few_channels and zero_padded and case.dims <= 3)
         return
     assert few_channels
-    close(trick(), per_sample_grads(case, module, x, grad_out))
+    close(trick(x, grad_out), per_sample_grads(case, module, x, grad_out))
 
 
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
@@ -237,3 +237,95 @@ def test_group_average(shape, groups, gemm_from, monkeypatch):
     )
     close(tnf.group_average(x, groups), expected)
     assert tnf.group_average(x, 1) is x
+
+
+def _quantities(case: Case, module, x: Tensor, grad_out: Tensor, S: Tensor) -> dict:
+    """Every function's call on these tensors, and its independent reference."""
+    w, b = module.weight.detach(), module.bias.detach()
+    k, hyper = case.kernel_size, case.hyper
+    xg = x.clone().requires_grad_(True)
+    grads = per_sample_grads(case, module, x, grad_out)
+    u = grouped_unfold(case, x)  # [N, G, C/G·K, O]
+    sqrt = _reference_sqrt_ggn(case, x, S)
+    return {
+        "conv": (lambda: tnf.conv(x, w, b, **hyper), module(x).detach()),
+        "unfold": (lambda: tnf.unfold(x, k, **hyper), reference_unfold(case, x)),
+        "input_vjp": (
+            lambda: tnf.input_vjp(grad_out, w, x.shape, **hyper),
+            torch.autograd.grad(module(xg), xg, grad_out)[0],
+        ),
+        "weight_vjp": (lambda: tnf.weight_vjp(x, grad_out, k, **hyper), grads.sum(0)),
+        "per_sample": (
+            lambda: tnf.weight_vjp(x, grad_out, k, per_sample=True, **hyper),
+            grads,
+        ),
+        "kfac": (
+            lambda: tnf.kfac_input_factor(x, k, groups_mode="separate", **hyper),
+            torch.einsum("ngio,ngjo->gij", u, u) / x.shape[0],
+        ),
+        "averaged_patches": (
+            lambda: tnf.averaged_patches(x, k, **hyper),
+            u.mean(-1).mean(1),
+        ),
+        "diag_ggn": (
+            lambda: tnf.diag_ggn_weight(x, S, k, per_sample=True, **hyper),
+            sqrt.pow(2).sum(0),
+        ),
+        "sqrt_ggn": (lambda: tnf.sqrt_ggn_weight(x, S, k, **hyper), sqrt),
+        "batch_l2": (
+            lambda: tnf.batch_l2_weight(x, grad_out, k, **hyper),
+            grads.pow(2).flatten(1).sum(1),
+        ),
+        "sum_grad_squared": (
+            lambda: tnf.sum_grad_squared_weight(x, grad_out, k, **hyper),
+            grads.pow(2).sum(0),
+        ),
+    }
+
+
+PLAN_CASES = [
+    c for c in CASES if c.name in ("k3-s2-p1", "k3-s2-p1-depthwise", "k3-s1-p1-reflect")
+]
+
+
+@pytest.mark.parametrize("measured", [False, True], ids=["estimated", "measured"])
+@pytest.mark.parametrize("case", PLAN_CASES, ids=lambda c: c.id)
+def test_repeated_calls_compute_from_their_own_tensors(
+    case: Case, measured: bool, monkeypatch
+):
+    """A repeated call runs its signature's plan, on the tensors it is given.
+
+    The third call of every function has new tensors of the first call's shapes: its
+    plan must not have kept anything of the first call's tensors.
+    """
+    import importlib
+    import math
+
+    from backpack_tn.tn import cache_stats, clear_caches
+    from backpack_tn.tn.evaluate import get_autotune, set_autotune
+
+    # choices are made within the first call (a first call of a torch kernel can
+    # take milliseconds, after which choices are measured over the next calls)
+    ev = importlib.import_module("backpack_tn.tn.evaluate")
+    monkeypatch.setattr(ev, "_OVER_CALLS_SECONDS", math.inf)
+
+    module, x, out, grad_out, *_ = forward_with_grads(case)
+    S = _random_S(case, out)
+    torch.manual_seed(5)
+    others = [torch.randn_like(t) for t in (x, grad_out, S)]
+    first = _quantities(case, module, x, grad_out, S)
+    second = _quantities(case, module, *others)
+    enabled, threshold = get_autotune()
+    clear_caches()
+    try:
+        if measured:  # kernel-vs-TN and TN-vs-trick are timed on these tiny layers
+            set_autotune(True, min_flops=0)
+        for name, (run, expected) in first.items():
+            close(run(), expected)
+            hits = cache_stats()["call-plans"].hits
+            close(run(), expected)
+            again, other = second[name]
+            close(again(), other)
+            assert cache_stats()["call-plans"].hits == hits + 2, name
+    finally:
+        set_autotune(enabled, threshold)

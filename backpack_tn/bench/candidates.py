@@ -67,7 +67,7 @@ def time_candidates(
     if "k" not in options or set(options) - set("ksdp"):
         raise ValueError(f"expected NxCxHxW:kK[:sS][:pP][:dD], got {spec!r}")
     x = torch.randn(*map(int, shape.split("x")))
-    geometry, grouped = tnf._kfac_input(
+    geometry, group = tnf._kfac_input(
         x,
         options["k"],
         options.get("s", 1),
@@ -77,7 +77,11 @@ def time_candidates(
         "zeros",
         "average",
     )
-    runs = tnf._kfac_runs(grouped, geometry, "expand", True)
+    grouped = group(x)
+    runs = {
+        name: functools.partial(run, grouped)
+        for name, run in tnf._kfac_runs(geometry, "expand", True, x.shape[1]).items()
+    }
     if plain_gemm:
         runs["tn-full-gemm"] = functools.partial(_full_gemm, runs["tn"])
     for run in runs.values():  # first calls plan, autotune and allocate

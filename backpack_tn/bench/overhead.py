@@ -5,7 +5,10 @@ same kernel, and what is left is Python: validation, the geometry, the kernel-vs
 lookup. On a GPU this overhead competes with kernels of tens of microseconds, so it is
 measured on a problem small enough that the kernels cost little::
 
-    python -m backpack_tn.bench.overhead [--device cuda]
+    python -m backpack_tn.bench.overhead [--device cuda] [--all]
+
+``--all`` times every operation of the layer-level benchmark on a tiny layer against
+the fastest stock implementation of it.
 
 Times are the best of several batches of calls (host clock; CUDA synchronised at the
 end of each batch).
@@ -14,6 +17,7 @@ end of each batch).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from typing import Callable, Dict
@@ -75,15 +79,56 @@ def measure(device: torch.device, calls: int = 2000) -> Dict[str, tuple]:
     }
 
 
+def measure_all(device: torch.device, calls: int = 1000) -> Dict[str, tuple]:
+    """``{operation: (fastest stock name, its seconds, backpack_tn seconds)}``.
+
+    Every operation of the layer-level benchmark on a tiny layer (3×3, 4 → 4
+    channels, 4×4 input, batch 2, 3 classes), where the time is almost all Python and
+    launches: the per-call cost of each side.
+    """
+    from backpack_tn.bench.baselines import STOCK, Problem, tn_implementation
+
+    torch.manual_seed(0)
+    module = torch.nn.Conv2d(4, 4, 3, padding=1, bias=False).to(device)
+    x = torch.randn(2, 4, 4, 4, device=device)
+    grad_output = torch.randn(2, 4, 4, 4, device=device)
+    problem = Problem(module, x, grad_output, torch.randn(3, 2, 4, 4, 4, device=device))
+    results = {}
+    for op, implementations in STOCK.items():
+        stock = {
+            name: best_call_time(functools.partial(impl.fn, problem), device, calls)
+            for name, impl in implementations.items()
+            if name != "einconv" and impl.available(problem)
+        }
+        fastest = min(stock, key=stock.get)
+        ours = functools.partial(tn_implementation(op, True), problem)
+        results[op] = (fastest, stock[fastest], best_call_time(ours, device, calls))
+    return results
+
+
 def main(argv=None) -> int:
     """Print the overhead table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="every benchmark operation against its fastest stock implementation",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.all:
+        print("| operation | fastest stock | stock [µs] | backpack_tn [µs] | ratio |")
+        print("|---|---|---:|---:|---:|")
+        for op, (name, stock, ours) in measure_all(device, args.calls // 2).items():
+            print(
+                f"| {op} | {name} | {1e6 * stock:.1f} | {1e6 * ours:.1f} | "
+                f"{stock / ours:.2f}× |"
+            )
+        return 0
     print("| operation | torch [µs] | backpack_tn [µs] | overhead [µs] |")
     print("|---|---:|---:|---:|")
     for name, (bare, ours) in measure(device, args.calls).items():

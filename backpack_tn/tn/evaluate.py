@@ -56,6 +56,7 @@ from backpack_tn.tn.cache import LRUCache
 from backpack_tn.tn.devices import is_cuda
 from backpack_tn.tn.gram import product_fraction, symmetric_gram
 from backpack_tn.tn.network import Operand, TensorNetwork
+from backpack_tn.tn.pairs import compile_pair
 from backpack_tn.tn.patterns import index_pattern
 from backpack_tn.tn.views import apply_views, embed, viewed_shape
 from backpack_tn.tn.windows import (
@@ -320,21 +321,31 @@ def _presummed(
 
 
 def _pairwise(contraction_list) -> Callable:
-    """Run ``opt_einsum``'s planned steps as direct ``torch.einsum`` calls.
+    """Run ``opt_einsum``'s planned steps as direct torch calls.
 
-    Each step has one or two operands, which ``torch.einsum`` contracts in C++
-    without planning; ``opt_einsum``'s own executor adds tens of microseconds of
-    Python per step (character conversion, ``tensordot`` reshapes), which decides
-    sub-millisecond problems.
+    Each step has one or two operands. A two-operand step runs as one ``bmm`` laid
+    out on the plan's first run (:func:`backpack_tn.tn.pairs.compile_pair`), any
+    other as ``torch.einsum``; ``opt_einsum``'s own executor adds tens of
+    microseconds of Python per step (character conversion, ``tensordot``
+    reshapes), and ``torch.einsum`` decides its layout again on every call, both of
+    which decide sub-millisecond problems.
     """
     steps = tuple((tuple(inds), equation) for inds, _, equation, *_ in contraction_list)
+    compiled: list = []  # per step: a pair function, or None for torch.einsum
 
     def run(*operands: Tensor) -> Tensor:
         operands = list(operands)
-        for inds, equation in steps:
+        for step, (inds, equation) in enumerate(steps):
             # ``inds`` are sorted descending, the order of ``equation``'s inputs
             picked = [operands.pop(i) for i in inds]
-            operands.append(torch.einsum(equation, *picked))
+            if step == len(compiled):  # the first run (also one that raised before)
+                pair = compile_pair(equation, *picked) if len(picked) == 2 else None
+                compiled.append(pair)
+            pair = compiled[step]
+            if pair is None:
+                operands.append(torch.einsum(equation, *picked))
+            else:
+                operands.append(pair(*picked))
         return operands[0]
 
     run.steps = len(steps)
@@ -1518,6 +1529,42 @@ def _rank(formulations, shapes, dtype, device) -> tuple:
     return formulations, options, cheapest
 
 
+def plan_settings(device: torch.device) -> tuple:
+    """Every setting that changes what :func:`evaluate` runs on ``device`` (a key)."""
+    return (
+        _SETTINGS["native"],
+        _SETTINGS["forced"],
+        _SETTINGS["autotune"],
+        _SETTINGS["autotune_min_flops"],
+        _SETTINGS["budget"],
+        _SETTINGS["gram"],
+        windows.small_window_limit(device),
+    )
+
+
+def _prepared_key(formulations: Sequence[TensorNetwork], key: tuple) -> tuple:
+    # ``formulations`` come from a cache and are immutable: key by identity; the
+    # entries keep them alive, so the identity cannot be reused while cached.
+    # Every setting that changes the choice is part of the key.
+    return (id(formulations), key, *plan_settings(key[2]))
+
+
+def prepared_run(
+    formulations: Sequence[TensorNetwork], tensors: Mapping[str, Tensor]
+) -> Optional[Callable[[Mapping[str, Tensor]], Tensor]]:
+    """What :func:`evaluate` runs for these networks and tensor shapes, once decided.
+
+    ``None`` until a call of :func:`evaluate` has chosen the candidate (the first
+    call, or the last measuring call where candidates are measured over calls).
+    The function takes tensors of the same shapes, dtype and device and returns what
+    :func:`evaluate` would; callers keep it to skip the look-ups on repeated calls.
+    """
+    any_tensor = next(iter(tensors.values()))
+    shapes = tuple(sorted((name, tuple(t.shape)) for name, t in tensors.items()))
+    key = (shapes, any_tensor.dtype, any_tensor.device)
+    return _PREPARED.peek(_prepared_key(formulations, key))
+
+
 def evaluate(
     formulations: Sequence[TensorNetwork], tensors: Mapping[str, Tensor]
 ) -> Tensor:
@@ -1537,19 +1584,7 @@ def evaluate(
     dtype, device = any_tensor.dtype, any_tensor.device
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     key = (tuple(sorted(shapes.items())), dtype, device)
-    # ``formulations`` come from a cache and are immutable: key by identity; the
-    # entries keep them alive, so the identity cannot be reused while cached.
-    # Every setting that changes the choice is part of the key.
-    prepared_key = (
-        id(formulations),
-        key,
-        _SETTINGS["forced"],
-        _SETTINGS["autotune"],
-        _SETTINGS["autotune_min_flops"],
-        _SETTINGS["budget"],
-        _SETTINGS["gram"],
-        windows.small_window_limit(device),
-    )
+    prepared_key = _prepared_key(formulations, key)
     prepared = _PREPARED.get(prepared_key)
     if prepared is not None:
         return prepared(tensors)
