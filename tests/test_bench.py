@@ -144,6 +144,32 @@ def test_bench_command_runs_on_a_zoo_layer(tmp_path, capsys):
     assert "geo-mean speed-up" in capsys.readouterr().out
 
 
+def test_bench_json_is_saved_after_every_layer(tmp_path, monkeypatch):
+    """A run stopped at a time limit keeps the layers it finished."""
+    from backpack_tn.bench import __main__ as bench_module
+
+    snapshots = []
+    save = bench_module.save_json
+
+    def recording(results, path, meta):
+        save(results, path, meta)
+        snapshots.append(json.loads(open(path).read())["results"])
+
+    monkeypatch.setattr(bench_module, "save_json", recording)
+    out = tmp_path / "run.json"
+    argv = ["--models", "2c2d", "--ops", "kfac_reduce", "--batch-size", "2"]
+    argv += ["--repeats", "1", "--memory-rounds", "1", "--no-plain", "--json", str(out)]
+    assert bench_main(argv) == 0
+    layers = [layer.name for layer in model_layers("2c2d")]
+    # timings layer by layer, then memory layer by layer, then the final file
+    assert len(snapshots) == 2 * len(layers) + 1
+    first = snapshots[0]
+    assert {r["layer"] for r in first} == {layers[0]}
+    assert all(r["memory_bytes"] is None for r in first)  # memory comes after timing
+    assert all(r["memory_bytes"] is not None for r in snapshots[-2])
+    assert snapshots[-2] == snapshots[-1] == json.loads(out.read_text())["results"]
+
+
 def test_short_calls_are_timed_in_batches():
     calls = []
 

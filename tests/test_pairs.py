@@ -51,7 +51,7 @@ def test_pair_equals_einsum(equation: str, layout: str):
         a, b = _operands(equation, rng)
         if layout == "permuted":
             a, b = _random_layout(a, rng), _random_layout(b, rng)
-        pair = compile_pair(equation, a, b)
+        pair = compile_pair(equation, a, b, allow_copy=True)
         assert pair is not None
         # planned on a and b, run on new operands of their shapes and other layouts
         for x, y in [(a, b), (torch.randn_like(a), _random_layout(b.clone(), rng))]:
@@ -77,7 +77,7 @@ def test_random_equations_equal_einsum():
         out = [c for c in union if rng.random() < 0.5]
         equation = f"{''.join(first)},{''.join(second)}->{''.join(out)}"
         a, b = (_random_layout(t, rng) for t in _operands(equation, rng, (1, 2, 3)))
-        pair = compile_pair(equation, a, b)
+        pair = compile_pair(equation, a, b, allow_copy=True)
         assert pair is not None, equation
         torch.testing.assert_close(pair(a, b), torch.einsum(equation, a, b))
 
@@ -95,12 +95,38 @@ def test_random_equations_equal_einsum():
 def test_left_to_einsum(equation, shapes):
     """What a single ``bmm`` does not express is left to ``torch.einsum``."""
     a, b = (torch.randn(s) for s in shapes)
-    assert compile_pair(equation, a, b) is None
+    assert compile_pair(equation, a, b, allow_copy=True) is None
 
 
 def test_swapped_result_is_contiguous():
     """Where the result lists the second operand's axes first, no copy is needed."""
     a, b = torch.randn(4, 5), torch.randn(5, 6)
-    result = compile_pair("ab,bc->ca", a, b)(a, b)
+    result = compile_pair("ab,bc->ca", a, b, allow_copy=True)(a, b)
     assert result.is_contiguous()
     torch.testing.assert_close(result, (a @ b).T)
+
+
+@pytest.mark.parametrize(
+    "equation, shapes, planned",
+    [
+        # a small per-sample gradient: both operands are matrices as they lie
+        ("nko,nco->nck", [(2, 36, 16), (2, 4, 16)], True),
+        # large: left to torch.einsum unless a batched dot product
+        ("nko,nco->nck", [(32, 864, 256), (32, 96, 256)], False),
+        ("nabc,nabc->n", [(32, 96, 16, 16), (32, 96, 16, 16)], True),
+        # the per-sample axis (shared, kept) last in memory: a strided batch
+        ("ko,co->ck", [(36, 16), (4, 16)], True),
+        ("kon,con->nck", [(36, 16, 2), (4, 16, 2)], False),
+        # the inner axes of one operand in another order than the other's: a copy
+        ("abcd,dc->ab", [(2, 3, 4, 5), (5, 4)], False),
+    ],
+    ids=["small", "large", "large-dot", "no-batch", "batch-last", "copy"],
+)
+def test_engine_plans_small_views_only(equation, shapes, planned):
+    """By default a pair is planned only where the measurements favoured the ``bmm``:
+    small, the batch outermost and both operands viewed as they lie."""
+    a, b = (torch.randn(s, dtype=torch.float64) for s in shapes)
+    pair = compile_pair(equation, a, b)
+    assert (pair is not None) == planned
+    if pair is not None:
+        torch.testing.assert_close(pair(a, b), torch.einsum(equation, a, b))

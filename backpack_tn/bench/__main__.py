@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+from functools import partial
 
 import torch
 
@@ -83,18 +84,6 @@ def main(argv=None) -> int:
     layers = layers[args.skip_layers :]
     if args.max_layers:
         layers = layers[: args.max_layers]
-    results = run_layers(
-        layers,
-        args.ops,
-        args.batch_size,
-        args.classes,
-        getattr(torch, args.dtype),
-        device,
-        args.repeats,
-        measure_memory=not args.no_memory,
-        with_plain=not args.no_plain,
-        memory_rounds=args.memory_rounds,
-    )
     meta = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -106,6 +95,22 @@ def main(argv=None) -> int:
         "dtype": args.dtype,
         "command": "python -m backpack_tn.bench " + " ".join(argv or sys.argv[1:]),
     }
+    # with --json, what is measured is saved after every layer: a run stopped at a
+    # time limit (a lent GPU) keeps its finished layers (memory ``null`` where the
+    # memory pass, which follows all timings, had not reached them)
+    results = run_layers(
+        layers,
+        args.ops,
+        args.batch_size,
+        args.classes,
+        getattr(torch, args.dtype),
+        device,
+        args.repeats,
+        measure_memory=not args.no_memory,
+        with_plain=not args.no_plain,
+        memory_rounds=args.memory_rounds,
+        on_layer=partial(save_json, path=args.json, meta=meta) if args.json else None,
+    )
     print(f"<!-- {meta} -->")
     print(markdown_table(results))
     rows = report.comparisons([r.__dict__ for r in results])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -66,6 +66,7 @@ def run_layers(
     measure_memory: bool = True,
     with_plain: bool = True,
     memory_rounds: int = 2,
+    on_layer: Optional[Callable[[List[Measurement]], None]] = None,
 ) -> List[Measurement]:
     """Time (and measure memory of) every implementation of every operation.
 
@@ -75,6 +76,8 @@ def run_layers(
     allocator serves large blocks (see :mod:`backpack_tn.bench.measure`).
     Memory is the least of ``memory_rounds`` readings per implementation, taken in
     rotated order (:func:`backpack_tn.bench.measure.min_peak_memories`).
+    ``on_layer`` gets the measurements so far after each layer's timings and after
+    each layer's memory readings (e.g. to save them as the run goes).
     """
     operations = list(operations)
     results: List[Measurement] = []
@@ -117,6 +120,8 @@ def run_layers(
                 calls.append((layer, op, name))
             bar.update()
         del problem
+        if on_layer is not None:
+            on_layer(results)
     if measure_memory:
         measured = iter(results)
         for layer in layers:
@@ -135,6 +140,8 @@ def run_layers(
                     row.memory_bytes = peaks[name]
                 bar.update()
             del problem
+            if on_layer is not None:
+                on_layer(results)
     bar.close()
     return results
 
