@@ -580,3 +580,14 @@ def test_model_level_memory_is_read_per_pass(suite, capsys, monkeypatch):
     cells = [c.strip() for c in row.split("|")[1:-1]]
     # stock and backpack_tn peaks: the readings of the last two jobs, in MiB
     assert cells[4:6] == [str(jobs - 1), str(jobs)]
+
+
+def test_pairs_command_times_the_engines_planned_steps(capsys):
+    from backpack_tn.bench.pairs import main as pairs_main
+
+    assert pairs_main(["--models", "2c2d", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "distinct two-operand steps" in out and "| einsum / bmm |" in out
+    timed = int(out.split(" timed as a bmm")[0].split(", ")[-1])
+    assert timed >= 1  # small layers: the engine plans some steps as a bmm
+    assert out.count("` | (") == timed  # one table row per timed step

@@ -210,16 +210,6 @@ def set_autotune(enabled: bool, min_flops: Optional[float] = None) -> None:
         _SETTINGS["autotune_min_flops"] = float(min_flops)
 
 
-def kernel_settings() -> tuple:
-    """The settings that decide between torch's kernels and the TN (a cache key)."""
-    return (
-        _SETTINGS["native"],
-        _SETTINGS["forced"],
-        _SETTINGS["autotune"],
-        _SETTINGS["autotune_min_flops"],
-    )
-
-
 def get_autotune() -> Tuple[bool, float]:
     """Whether autotuning is on, and its FLOP threshold."""
     return bool(_SETTINGS["autotune"]), float(_SETTINGS["autotune_min_flops"])
@@ -331,21 +321,28 @@ def _pairwise(contraction_list) -> Callable:
     which decide sub-millisecond problems.
     """
     steps = tuple((tuple(inds), equation) for inds, _, equation, *_ in contraction_list)
-    compiled: list = []  # per step: a pair function, or None for torch.einsum
+    # per step: a pair function, or None for torch.einsum; set once, by the first run
+    # that completes (one assignment: runs in several threads each plan their own)
+    compiled: List[Optional[tuple]] = [None]
 
     def run(*operands: Tensor) -> Tensor:
         operands = list(operands)
+        pairs = compiled[0]
+        planned = [] if pairs is None else None
         for step, (inds, equation) in enumerate(steps):
             # ``inds`` are sorted descending, the order of ``equation``'s inputs
             picked = [operands.pop(i) for i in inds]
-            if step == len(compiled):  # the first run (also one that raised before)
+            if pairs is None:
                 pair = compile_pair(equation, *picked) if len(picked) == 2 else None
-                compiled.append(pair)
-            pair = compiled[step]
+                planned.append(pair)
+            else:
+                pair = pairs[step]
             if pair is None:
                 operands.append(torch.einsum(equation, *picked))
             else:
                 operands.append(pair(*picked))
+        if pairs is None:
+            compiled[0] = tuple(planned)
         return operands[0]
 
     run.steps = len(steps)
