@@ -341,6 +341,37 @@ class _Network:
         return lambda *call: finish(run(arrange(*call)), *call)
 
 
+def _reshaped(
+    op: str,
+    geometry: ConvGeometry,
+    simplify: bool,
+    arrange: Callable[..., Dict[str, Tensor]],
+    shape: Tuple[int, ...],
+    **options,
+) -> _Network:
+    """The network evaluation of ``op`` with its result reshaped to ``shape``."""
+    return _Network(
+        op, geometry, simplify, arrange, lambda out, *_: out.reshape(shape), **options
+    )
+
+
+def _evaluated(
+    signature: Optional[tuple],
+    op: str,
+    geometry: ConvGeometry,
+    simplify: bool,
+    arrange: Callable[..., Dict[str, Tensor]],
+    shape: Tuple[int, ...],
+    tensors: Sequence[Tensor],
+    **options,
+) -> Tensor:
+    """A call that is one network evaluation, reshaped to ``shape``; its plan kept."""
+    tn = _reshaped(op, geometry, simplify, arrange, shape, **options)
+    result = tn(*tensors)
+    _remember(signature, tn.plan(*tensors))
+    return result
+
+
 def _plan_of(candidate: Callable[..., Tensor], tensors: Sequence) -> Optional[Plan]:
     """A candidate's plan: a network's prepared evaluation, else the function itself."""
     plan = getattr(candidate, "plan", None)
@@ -526,16 +557,11 @@ def unfold(
     )
     n, c = x.shape[:2]
     shape = (n, c * math.prod(geometry.kernel_size), math.prod(geometry.output_size))
-    tn = _Network(
-        "unfold",
-        geometry,
-        simplify,
-        lambda x: {"x": _group_input(x, 1)},
-        lambda out, x: out.reshape(shape),
-    )
-    result = tn(x)
-    _remember(signature, tn.plan(x))
-    return result
+
+    def ungrouped(x: Tensor) -> dict:
+        return {"x": _group_input(x, 1)}
+
+    return _evaluated(signature, "unfold", geometry, simplify, ungrouped, shape, (x,))
 
 
 def input_vjp(
@@ -599,13 +625,7 @@ def input_vjp(
         lambda grad_output, weight: _convolution_backward(
             grad_output, None, weight, native, input_shape
         ),
-        _Network(
-            "input_vjp",
-            geometry,
-            simplify,
-            arrange,
-            lambda out, *_: out.reshape(input_shape),
-        ),
+        _reshaped("input_vjp", geometry, simplify, arrange, input_shape),
         geometry,
         (grad_output, weight),
         weight.shape,
@@ -773,13 +793,8 @@ def weight_vjp(
     )
     native = _native(geometry, simplify)
     shape = (x.shape[0],) * per_sample + weight_shape
-    tn = _Network(
-        "weight_vjp",
-        geometry,
-        simplify,
-        arrange,
-        lambda out, *_: out.reshape(shape),
-        per_sample=per_sample,
+    tn = _reshaped(
+        "weight_vjp", geometry, simplify, arrange, shape, per_sample=per_sample
     )
     if per_sample:
         result, plan = _tn_or_trick(
@@ -1042,17 +1057,16 @@ def sqrt_ggn_weight(
         return plan(x, S)
     geometry, arrange, weight_shape = _x_and_output(x, S, "S", 2, *hyper)
     shape = (*(S.shape[:1] if sum_batch else S.shape[:2]), *weight_shape)
-    tn = _Network(
+    return _evaluated(
+        signature,
         "sqrt_ggn",
         geometry,
         simplify,
         arrange,
-        lambda out, *_: out.reshape(shape),
+        shape,
+        (x, S),
         sum_batch=sum_batch,
     )
-    result = tn(x, S)
-    _remember(signature, tn.plan(x, S))
-    return result
 
 
 def diag_ggn_weight(
@@ -1093,17 +1107,16 @@ def diag_ggn_weight(
         return plan(x, S)
     geometry, arrange, weight_shape = _x_and_output(x, S, "S", 2, *hyper)
     shape = (x.shape[0],) * per_sample + weight_shape
-    tn = _Network(
+    return _evaluated(
+        signature,
         "diag_ggn",
         geometry,
         simplify,
         arrange,
-        lambda out, *_: out.reshape(shape),
+        shape,
+        (x, S),
         per_sample=per_sample,
     )
-    result = tn(x, S)
-    _remember(signature, tn.plan(x, S))
-    return result
 
 
 def batch_l2_weight(
@@ -1138,26 +1151,16 @@ def batch_l2_weight(
         ``[N]``.
     """
     hyper = (kernel_size, stride, padding, dilation, groups, padding_mode)
-    signature, plan = _lookup("batch_l2_weight", (x, grad_output), *hyper, simplify)
-    if plan is not None:
-        return plan(x, grad_output)
-    geometry, arrange, weight_shape = _x_and_output(
-        x, grad_output, "grad_output", 1, *hyper
-    )
-    batch = x.shape[:1]
-    tn = _Network(
-        "batch_l2", geometry, simplify, arrange, lambda out, *_: out.reshape(batch)
-    )
 
     def finish(per_sample: Tensor) -> Tensor:
         return per_sample.flatten(1).square().sum(1)
 
-    native = _native(geometry, simplify)
-    result, plan = _tn_or_trick(
-        "batch_l2", tn, finish, x, grad_output, geometry, native, weight_shape
+    def batch(weight_shape: Tuple[int, ...]) -> Tuple[int, ...]:
+        return tuple(x.shape[:1])
+
+    return _per_sample_statistic(
+        "batch_l2", x, grad_output, hyper, simplify, batch, finish
     )
-    _remember(signature, plan)
-    return result
 
 
 def sum_grad_squared_weight(
@@ -1189,26 +1192,40 @@ def sum_grad_squared_weight(
         ``[C_out, C_in / G, *K]``.
     """
     hyper = (kernel_size, stride, padding, dilation, groups, padding_mode)
-    signature, plan = _lookup("sum_grad_squared", (x, grad_output), *hyper, simplify)
+
+    def finish(per_sample: Tensor) -> Tensor:
+        return per_sample.square().sum(0)
+
+    return _per_sample_statistic(
+        "sum_grad_squared", x, grad_output, hyper, simplify, _identity, finish
+    )
+
+
+def _per_sample_statistic(
+    op: str,
+    x: Tensor,
+    grad_output: Tensor,
+    hyper: tuple,
+    simplify: bool,
+    shape: Callable[[Tuple[int, ...]], Tuple[int, ...]],
+    finish: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """A statistic of the per-sample kernel gradients, by its network or by the trick.
+
+    The network ``op`` (result reshaped to ``shape`` of the weight shape), or
+    ``finish`` of the per-sample gradients of BackPACK's trick, whichever measured
+    faster.
+    """
+    signature, plan = _lookup(op, (x, grad_output), *hyper, simplify)
     if plan is not None:
         return plan(x, grad_output)
     geometry, arrange, weight_shape = _x_and_output(
         x, grad_output, "grad_output", 1, *hyper
     )
-    tn = _Network(
-        "sum_grad_squared",
-        geometry,
-        simplify,
-        arrange,
-        lambda out, *_: out.reshape(weight_shape),
-    )
-
-    def finish(per_sample: Tensor) -> Tensor:
-        return per_sample.square().sum(0)
-
+    tn = _reshaped(op, geometry, simplify, arrange, shape(weight_shape))
     native = _native(geometry, simplify)
     result, plan = _tn_or_trick(
-        "sum_grad_squared", tn, finish, x, grad_output, geometry, native, weight_shape
+        op, tn, finish, x, grad_output, geometry, native, weight_shape
     )
     _remember(signature, plan)
     return result
