@@ -1490,3 +1490,47 @@ def test_gpu_rules_on_the_cpu_match_references(case, strategy, gpu_rules, monkey
             tnf.diag_ggn_weight(x, S, k, per_sample=True, **hyper),
             sqrt.pow(2).sum(0),
         )
+
+
+@pytest.mark.parametrize("strategy", [None, "pattern", "window", "taps"])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.name in ("k3-s2-p1", "k3-s1-p1-reflect")], ids=str
+)
+def test_first_call_in_inference_mode_then_differentiable_calls(case, strategy):
+    """Tensors the engine caches for a first call under ``torch.inference_mode()``
+    (patterns, gather indices) serve later calls that autograd records."""
+    from tests.cases import grouped_unfold
+
+    x = case.input()
+    torch.manual_seed(1)
+    funcs = {
+        "unfold": (
+            lambda x: tnf.unfold(x, case.kernel_size, **case.hyper),
+            lambda x: reference_unfold(case, x),
+        ),
+        "kfac": (
+            lambda x: tnf.kfac_input_factor(
+                x, case.kernel_size, groups_mode="separate", **case.hyper
+            ),
+            lambda x: (
+                torch.einsum(
+                    "ngio,ngjo->gij", grouped_unfold(case, x), grouped_unfold(case, x)
+                )
+                / x.shape[0]
+            ),
+        ),
+    }
+    clear_caches()
+    with force_strategy(strategy):
+        for run, reference in funcs.values():
+            with torch.inference_mode():
+                run(x)
+            ours = x.clone().requires_grad_(True)
+            theirs = x.clone().requires_grad_(True)
+            result = run(ours)
+            weights = torch.randn_like(result)
+            (grad,) = torch.autograd.grad((result * weights).sum(), ours)
+            (expected,) = torch.autograd.grad(
+                (reference(theirs) * weights).sum(), theirs
+            )
+            close(grad, expected)

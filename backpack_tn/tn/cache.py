@@ -11,6 +11,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Generic, Hashable, TypeVar
 
+import torch
+
 V = TypeVar("V")
 
 _REGISTRY: dict[str, LRUCache] = {}
@@ -69,7 +71,11 @@ class LRUCache(Generic[V]):
             value = self._data[key]
         except KeyError:
             self.misses += 1
-            value = factory()
+            # outside inference mode: a tensor made for a first call under
+            # ``torch.inference_mode()`` must serve later calls that autograd records
+            # (inference tensors cannot be saved for backward)
+            with torch.inference_mode(False):
+                value = factory()
             self._data[key] = value
             if len(self._data) > self.maxsize:
                 self._data.popitem(last=False)
