@@ -329,3 +329,59 @@ def test_repeated_calls_compute_from_their_own_tensors(
             assert cache_stats()["call-plans"].hits == hits + 2, name
     finally:
         set_autotune(enabled, threshold)
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.name in ("k3-s2-p1", "k3-s1-p1-reflect")], ids=str
+)
+def test_squared_quantities_are_differentiable(case: Case, simplify):
+    """Gradients through the squared quantities (GGN diagonal, batch L2, summed squared
+    gradients) equal autograd's through unfold-based references."""
+    module, x, out, grad_out, *_ = forward_with_grads(case)
+    S = _random_S(case, out)
+    k, hyper = case.kernel_size, case.hyper
+    groups, c_out = case.groups, case.c_out
+
+    def per_sample(x, g):  # [N, C_out, C_in/G·ΠK] from the unfolded input
+        u = grouped_unfold(case, x)  # [N, G, C/G·K, O]
+        g = g.reshape(g.shape[0], groups, c_out // groups, -1)
+        return torch.einsum("ngdo,ngio->ngdi", g, u).reshape(g.shape[0], c_out, -1)
+
+    quantities = {
+        "diag_ggn": (
+            lambda x, g: tnf.diag_ggn_weight(x, S, k, simplify=simplify, **hyper),
+            lambda x, g: _reference_sqrt_ggn(case, x, S).pow(2).sum((0, 1)),
+        ),
+        "diag_ggn_per_sample": (
+            lambda x, g: tnf.diag_ggn_weight(
+                x, S, k, per_sample=True, simplify=simplify, **hyper
+            ),
+            lambda x, g: _reference_sqrt_ggn(case, x, S).pow(2).sum(0),
+        ),
+        "batch_l2": (
+            lambda x, g: tnf.batch_l2_weight(x, g, k, simplify=simplify, **hyper),
+            lambda x, g: per_sample(x, g).pow(2).flatten(1).sum(1),
+        ),
+        "sum_grad_squared": (
+            lambda x, g: tnf.sum_grad_squared_weight(
+                x, g, k, simplify=simplify, **hyper
+            ),
+            lambda x, g: per_sample(x, g).pow(2).sum(0),
+        ),
+    }
+    for run, reference in quantities.values():
+        ours = [t.clone().requires_grad_(True) for t in (x, grad_out)]
+        theirs = [t.clone().requires_grad_(True) for t in (x, grad_out)]
+        result = run(*ours)
+        torch.manual_seed(2)
+        weights = torch.randn_like(result)
+        grads = torch.autograd.grad((result * weights).sum(), ours, allow_unused=True)
+        expected_value = reference(*theirs).reshape(result.shape)
+        expected = torch.autograd.grad(
+            (expected_value * weights).sum(), theirs, allow_unused=True
+        )
+        for grad, want in zip(grads, expected):
+            if want is None:  # the quantity does not depend on it (grad_out: GGN)
+                assert grad is None or not grad.abs().max()
+            else:
+                close(grad, want)

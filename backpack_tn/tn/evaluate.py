@@ -711,7 +711,13 @@ def _squared_dims(net: TensorNetwork) -> Tuple[int, ...]:
 
 
 def _square(result: Tensor, operands: list) -> Tensor:
-    """``result²``, in place where the contraction result is fresh memory."""
+    """``result²``, in place where the contraction result is fresh memory.
+
+    Not in place where autograd records the result: the product's backward needs
+    the factor the in-place square would overwrite.
+    """
+    if result.requires_grad:
+        return result * result
     # it is fresh unless it aliases an operand
     fresh = all(result.data_ptr() != t.data_ptr() for t in operands)
     return result.mul_(result) if fresh else result * result
