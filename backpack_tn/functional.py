@@ -387,10 +387,7 @@ def _chosen(
 ) -> Tuple[Tensor, Optional[Plan]]:
     """:func:`fastest` of functions of the call's tensors, and the plan once decided."""
     runs = [functools.partial(c, *tensors) for c in candidates]
-    if keep_first_on_ties:
-        result = fastest(key, runs, device, keep_first_on_ties=True)
-    else:
-        result = fastest(key, runs, device)
+    result = fastest(key, runs, device, keep_first_on_ties=keep_first_on_ties)
     index = fastest_choice(key)
     return result, None if index is None else _plan_of(candidates[index], tensors)
 

@@ -133,24 +133,34 @@ def test_engine_plans_small_views_only(equation, shapes, planned):
 
 
 def test_plans_run_first_in_several_threads_at_once(monkeypatch):
-    """A contraction plan's first runs in two threads at once (both planning its first
-    step together) give the right results, and so does a later run.
+    """Two first runs of one contraction plan, interleaved so that both plan its first
+    step before either reaches the second, give the right results, and so does a
+    later run.
 
-    Each first run plans its own pairs and the plan keeps one complete set: a list
-    shared by the runs and appended to step by step had let a step run the previous
-    step's ``bmm`` (found by a review; random thread interleavings reproduced it in
-    about one of 20 trials)."""
+    Each first run plans its own pairs and the plan keeps one complete set: with a
+    list shared by the runs and appended to step by step, the second thread here ran
+    the first step's ``bmm`` as the second step (found by a review)."""
     import importlib
     import threading
+    import time
 
     ev = importlib.import_module("backpack_tn.tn.evaluate")
     both_planning = threading.Barrier(2, timeout=10)
-    calls = []
+    early_done, late_done = threading.Event(), threading.Event()
+    late = threading.local()
 
-    def planned_together(equation, a, b):  # both threads plan the first step at once
-        calls.append(equation)
-        if len(calls) <= 2:
-            both_planning.wait()
+    def planned_together(equation, a, b):
+        if not hasattr(late, "value"):  # the first step, in each thread
+            late.value = both_planning.wait() == 1
+            if late.value:  # returns after the other thread has kept its first pair
+                early_done.wait(10)
+                time.sleep(0.05)
+                late_done.set()
+            else:
+                early_done.set()
+        elif not late.value:  # the early thread's second step waits for the late one
+            late_done.wait(10)
+            time.sleep(0.05)
         return compile_pair(equation, a, b)
 
     monkeypatch.setattr(ev, "compile_pair", planned_together)

@@ -1533,7 +1533,10 @@ def _rank(formulations, shapes, dtype, device) -> tuple:
 
 
 def plan_settings(device: torch.device) -> tuple:
-    """Every setting that changes what :func:`evaluate` runs on ``device`` (a key)."""
+    """Every setting that changes what the engine runs on ``device`` (a cache key).
+
+    :func:`evaluate`'s choices, and (``native``) whether torch's kernels may run.
+    """
     return (
         _SETTINGS["native"],
         _SETTINGS["forced"],
@@ -1543,6 +1546,13 @@ def plan_settings(device: torch.device) -> tuple:
         _SETTINGS["gram"],
         windows.small_window_limit(device),
     )
+
+
+def _tensors_key(tensors: Mapping[str, Tensor]) -> tuple:
+    """``(sorted (name, shape) pairs, dtype, device)`` of an evaluation's tensors."""
+    any_tensor = next(iter(tensors.values()))
+    shapes = tuple(sorted((name, tuple(t.shape)) for name, t in tensors.items()))
+    return shapes, any_tensor.dtype, any_tensor.device
 
 
 def _prepared_key(formulations: Sequence[TensorNetwork], key: tuple) -> tuple:
@@ -1562,10 +1572,7 @@ def prepared_run(
     The function takes tensors of the same shapes, dtype and device and returns what
     :func:`evaluate` would; callers keep it to skip the look-ups on repeated calls.
     """
-    any_tensor = next(iter(tensors.values()))
-    shapes = tuple(sorted((name, tuple(t.shape)) for name, t in tensors.items()))
-    key = (shapes, any_tensor.dtype, any_tensor.device)
-    return _PREPARED.peek(_prepared_key(formulations, key))
+    return _PREPARED.peek(_prepared_key(formulations, _tensors_key(tensors)))
 
 
 def evaluate(
@@ -1583,14 +1590,13 @@ def evaluate(
         simplifications are absent; reshape to the target shape). Results on the
         input grid are embedded back to the full input size.
     """
-    any_tensor = next(iter(tensors.values()))
-    dtype, device = any_tensor.dtype, any_tensor.device
-    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    key = (tuple(sorted(shapes.items())), dtype, device)
+    key = _tensors_key(tensors)
     prepared_key = _prepared_key(formulations, key)
     prepared = _PREPARED.get(prepared_key)
     if prepared is not None:
         return prepared(tensors)
+    sorted_shapes, dtype, device = key
+    shapes = dict(sorted_shapes)
     # the estimates depend on the device's cost constants and window rule (both
     # fixed per device type, but patched by calibration and tests)
     options_key = (

@@ -98,8 +98,11 @@ def _side(
         _Side(term, summed, batch + rows + inner, inner_first=False),
         _Side(term, summed, batch + inner + rows, inner_first=True),
     ]
+    reduced = tensor
+    if summed:  # a sum's result is contiguous: its layout, without computing it
+        kept = [n for c, n in zip(term, tensor.shape) if c not in summed]
+        reduced = torch.empty(kept, device="meta")
     for side in options:
-        reduced = tensor.sum(side.sum_dims) if side.sum_dims else tensor
         permuted = reduced.permute(side.permutation)
         flat = (shape[0], shape[2], shape[1]) if side.inner_first else tuple(shape)
         if _view_or_none(permuted, flat) is not None:
