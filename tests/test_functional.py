@@ -385,3 +385,74 @@ def test_squared_quantities_are_differentiable(case: Case, simplify):
                 assert grad is None or not grad.abs().max()
             else:
                 close(grad, want)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        c
+        for c in CASES
+        if c.id in ("2d-k3-s2-p1", "2d-k3-s1-p1-reflect", "1d-k3-s2-p1-depthwise")
+    ],
+    ids=lambda c: c.id,
+)
+def test_vmap_over_independent_problems(case: Case, simplify):
+    """``torch.func.vmap`` maps every function over a stack of problems (e.g. an
+    ensemble), against references computed problem by problem. The squared
+    quantities used to check whether to square in place by reading the result's
+    data pointer, which a batched tensor does not have."""
+    k, hyper = case.kernel_size, case.hyper
+    problems = [forward_with_grads(case) for _ in range(2)]
+    torch.manual_seed(5)
+    problems = [
+        (module, x + 0.1 * n, out, grad_out * (n + 1))
+        for n, (module, x, out, grad_out, *_) in enumerate(problems)
+    ]
+    xs = torch.stack([x for _, x, _, _ in problems])
+    grad_outs = torch.stack([g for *_, g in problems])
+    S = _random_S(case, problems[0][2])
+    Ss = torch.stack([S, 2 * S])
+
+    def references(module, x, grad_out, S):
+        xr = x.clone().requires_grad_(True)
+        gx, gw = torch.autograd.grad(module(xr), (xr, module.weight), grad_out)
+        grads = per_sample_grads(case, module, x, grad_out)
+        u = grouped_unfold(case, x)
+        sqrt = _reference_sqrt_ggn(case, x, S)
+        return {
+            "input_vjp": gx,
+            "weight_vjp": gw,
+            "per_sample": grads,
+            "batch_l2": grads.pow(2).flatten(1).sum(1),
+            "sum_grad_squared": grads.pow(2).sum(0),
+            "kfac": torch.einsum("ngio,ngjo->gij", u, u) / x.shape[0],
+            "diag_ggn": sqrt.pow(2).sum((0, 1)),
+        }
+
+    w = problems[0][0].weight.detach()
+    shape = tuple(xs.shape[1:])
+
+    def ours(x, grad_out, S):
+        return {
+            "input_vjp": tnf.input_vjp(grad_out, w, shape, simplify=simplify, **hyper),
+            "weight_vjp": tnf.weight_vjp(x, grad_out, k, simplify=simplify, **hyper),
+            "per_sample": tnf.weight_vjp(
+                x, grad_out, k, per_sample=True, simplify=simplify, **hyper
+            ),
+            "batch_l2": tnf.batch_l2_weight(x, grad_out, k, simplify=simplify, **hyper),
+            "sum_grad_squared": tnf.sum_grad_squared_weight(
+                x, grad_out, k, simplify=simplify, **hyper
+            ),
+            "kfac": tnf.kfac_input_factor(
+                x, k, groups_mode="separate", simplify=simplify, **hyper
+            ),
+            "diag_ggn": tnf.diag_ggn_weight(x, S, k, simplify=simplify, **hyper),
+        }
+
+    # the problems share one module (the same seed): the input VJP's weight
+    module = problems[0][0]
+    expected = [references(module, x, g, s) for x, g, s in zip(xs, grad_outs, Ss)]
+    mapped = torch.func.vmap(ours)(xs, grad_outs, Ss)
+    for name, result in mapped.items():
+        want = torch.stack([e[name] for e in expected])
+        close(result, want.reshape(result.shape))

@@ -716,11 +716,20 @@ def _square(result: Tensor, operands: list) -> Tensor:
     Not in place where autograd records the result: the product's backward needs
     the factor the in-place square would overwrite.
     """
-    if result.requires_grad:
+    if result.requires_grad or _may_alias(result, operands):
         return result * result
-    # it is fresh unless it aliases an operand
-    fresh = all(result.data_ptr() != t.data_ptr() for t in operands)
-    return result.mul_(result) if fresh else result * result
+    return result.mul_(result)
+
+
+def _may_alias(result: Tensor, operands: list) -> bool:
+    """Whether ``result`` may share memory with an operand (a contraction that only
+    viewed it). Tensors without storage, such as the batched tensors of
+    ``torch.func.vmap``, count as aliasing: their memory cannot be checked."""
+    try:
+        pointer = result.data_ptr()
+        return any(pointer == t.data_ptr() for t in operands)
+    except RuntimeError:
+        return True
 
 
 def _square_sum(net: TensorNetwork, result: Tensor, operands: list) -> Tensor:
