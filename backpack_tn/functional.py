@@ -24,10 +24,12 @@ from torch import Tensor
 from backpack_tn.tn.cache import LRUCache
 from backpack_tn.tn.conv import networks
 from backpack_tn.tn.evaluate import (
+    chosen_memory,
     evaluate,
     fastest,
     fastest_choice,
     get_autotune,
+    keep_first,
     native_allowed,
     plan_settings,
     prepared_run,
@@ -340,6 +342,10 @@ class _Network:
         arrange, finish = self.arrange, self.finish
         return lambda *call: finish(run(arrange(*call)), *call)
 
+    def memory(self, *tensors: Tensor) -> Optional[int]:
+        """Estimated peak bytes of the evaluation once decided (else ``None``)."""
+        return chosen_memory(self.formulations, self.arrange(*tensors))
+
 
 def _reshaped(
     op: str,
@@ -383,11 +389,11 @@ def _chosen(
     candidates: Sequence[Callable[..., Tensor]],
     tensors: Sequence,
     device: torch.device,
-    keep_first_on_ties: bool = False,
+    choose: Optional[Callable[[Sequence[float]], int]] = None,
 ) -> Tuple[Tensor, Optional[Plan]]:
     """:func:`fastest` of functions of the call's tensors, and the plan once decided."""
     runs = [functools.partial(c, *tensors) for c in candidates]
-    result = fastest(key, runs, device, keep_first_on_ties=keep_first_on_ties)
+    result = fastest(key, runs, device, choose=choose)
     index = fastest_choice(key)
     return result, None if index is None else _plan_of(candidates[index], tensors)
 
@@ -400,13 +406,16 @@ def _kernel_or_tn(
     geometry: ConvGeometry,
     tensors: Sequence[Optional[Tensor]],
     weight_shape: Sequence[int],
+    result_shape: Sequence[int],
 ) -> Tuple[Tensor, Optional[Plan]]:
     """Torch's convolution kernel, or the TN where it measured faster on the problem.
 
     Torch's (oneDNN/cuDNN) kernels win on most layers but not all: on a CPU the TN
     (a GEMM after a reshape) beats them on non-overlapping patchify stems and on
     some depthwise and wide layers at small maps. The TN must measure more than
-    :data:`backpack_tn.tn.evaluate.TIME_TIE` (10 %) faster to replace the kernel.
+    :data:`backpack_tn.tn.evaluate.TIME_TIE` (10 %) faster to replace the kernel,
+    and its estimated memory must stay within :data:`TN_MEMORY_FACTOR` times the
+    bytes of the call's tensors and result (:func:`_lean_enough`).
     Where torch's kernel does not apply (``native`` is ``None``) the TN runs;
     problems under the autotuning threshold
     (:func:`backpack_tn.tn.evaluate.set_autotune`) are not measured: the kernel runs.
@@ -435,7 +444,35 @@ def _kernel_or_tn(
     # the TN replaces the kernel only where it is clearly faster: on ties the kernel
     # stays, whose memory is the stock computation's (Inception-v3's 3×3 32→32 at
     # 149²: both 33 ms, the TN's window contraction 64 MiB against torch's 43 MiB)
-    return _chosen(key, [kernel, tn], tensors, first.device, keep_first_on_ties=True)
+
+    def choose(times: Sequence[float]) -> int:
+        index = keep_first(times)
+        if index == 1 and not _lean_enough(tn, tensors, result_shape):
+            return 0
+        return index
+
+    return _chosen(key, [kernel, tn], tensors, first.device, choose=choose)
+
+
+#: The TN replaces torch's kernel only if its estimated peak memory is at most this
+#: many times the bytes of the call's tensors and result. Torch's kernels need about
+#: that much (the CPU benchmark measured 1–3×: a result, a reordered operand); the
+#: TN's temporaries can be far larger where it unfolds a large kernel over a small
+#: map: ConvNeXt-base's depthwise 7×7 at 7² (batch 8), weight VJP by index patterns
+#: 9 ms and 21 MB, torch's kernel 14 ms and 0.6 MB.
+TN_MEMORY_FACTOR = 2.0
+
+
+def _lean_enough(
+    tn: _Network, tensors: Sequence[Optional[Tensor]], result_shape: Sequence[int]
+) -> bool:
+    """Whether the TN's chosen contraction fits :data:`TN_MEMORY_FACTOR` (if known)."""
+    memory = tn.memory(*tensors)
+    if memory is None:  # not decided (cannot happen after it ran): no reason to refuse
+        return True
+    present = [t for t in tensors if t is not None]
+    elements = sum(t.numel() for t in present) + math.prod(result_shape)
+    return memory <= TN_MEMORY_FACTOR * elements * present[0].element_size()
 
 
 #: Per-sample weight VJPs try BackPACK's grouped-convolution trick up to this many
@@ -513,6 +550,7 @@ def conv(
         geometry,
         (x, weight, bias),
         weight.shape,
+        (x.shape[0], weight.shape[0], *geometry.output_size),
     )
     _remember(signature, plan)
     return result
@@ -626,6 +664,7 @@ def input_vjp(
         geometry,
         (grad_output, weight),
         weight.shape,
+        input_shape,
     )
     _remember(signature, plan)
     return result
@@ -807,6 +846,7 @@ def weight_vjp(
             tn,
             geometry,
             (x, grad_output),
+            weight_shape,
             weight_shape,
         )
     _remember(signature, plan)

@@ -559,10 +559,11 @@ def test_torch_kernel_measured_against_the_tn(op, monkeypatch):
     }[op]
     seen = []
 
-    def each(key, runs, device, keep_first_on_ties=False):
+    def each(key, runs, device, choose=None):
         results = [r() for r in runs]
         seen.append((key[0], len(results)))
-        assert keep_first_on_ties  # the kernel stays unless the TN is clearly faster
+        # the kernel stays unless the TN is clearly faster
+        assert choose is not None and choose([1.0, 0.95]) == 0
         close(results[1], results[0])  # the TN equals torch's kernel
         return results[1]
 
@@ -973,14 +974,15 @@ def test_long_runs_of_a_choice_are_measured_over_calls(
         winner = "a" if times["b"] > 0.9 * times["a"] else "b"
     else:
         winner = min(names, key=times.__getitem__)
+    choose = engine.keep_first if keep_first else None
     clear_caches()
     try:
         chosen = []
         for _ in schedule:
-            result = engine.fastest(key, runs, torch.device("cpu"), keep_first)
+            result = engine.fastest(key, runs, torch.device("cpu"), choose)
             assert int(result) == len(calls)  # this call's own run
             chosen.append(engine.fastest_choice(key))
-        engine.fastest(key, runs, torch.device("cpu"), keep_first)
+        engine.fastest(key, runs, torch.device("cpu"), choose)
     finally:
         clear_caches()
     assert "".join(calls) == "".join(schedule) + winner
@@ -1218,10 +1220,10 @@ def test_torch_kernel_kept_unless_the_tn_is_clearly_faster(
     runs = fake_runs(clock, {"kernel": 0.001, "tn": tn_seconds}, calls)
     clear_caches()
     key = ("keep-first-test", tn_seconds)
-    result = engine.fastest(key, runs, torch.device("cpu"), keep_first_on_ties=True)
+    result = engine.fastest(key, runs, torch.device("cpu"), choose=engine.keep_first)
     assert calls[int(result) - 1] == expected
     calls.clear()
-    engine.fastest(key, runs, torch.device("cpu"), keep_first_on_ties=True)
+    engine.fastest(key, runs, torch.device("cpu"), choose=engine.keep_first)
     assert calls == [expected]
 
 
@@ -1534,3 +1536,97 @@ def test_first_call_in_inference_mode_then_differentiable_calls(case, strategy):
                 (reference(theirs) * weights).sum(), theirs
             )
             close(grad, expected)
+
+
+@pytest.mark.parametrize(
+    "layer, tn_kept",
+    [
+        # ConvNeXt's depthwise 7×7 on a 7² map: the TN's index-pattern contraction
+        # holds 7 taps × the input, twice (estimated 5.3 MB, measured 5.2-5.7 MB),
+        # against 0.9 MB of tensors and result
+        ((8, 256, 7, 7, 3, 256), False),
+        # a patchify stem: the TN is a GEMM of the reshaped input, no larger
+        ((8, 16, 16, 4, 0, 1), True),
+    ],
+    ids=["depthwise-7x7-at-7x7", "patchify-4x4"],
+)
+@pytest.mark.parametrize("op", ["forward", "input_vjp", "weight_vjp"])
+def test_tn_replaces_the_kernel_only_within_its_memory_bound(
+    layer, tn_kept, op, monkeypatch
+):
+    """A TN that measured faster replaces torch's kernel only if its estimated memory
+    is at most ``TN_MEMORY_FACTOR`` times the call's tensors and result."""
+    from backpack_tn.tn.evaluate import get_autotune, set_autotune
+
+    n, c, size, k, padding, groups = layer
+    stride = k if padding == 0 else 1
+    hyper = dict(stride=stride, padding=padding, groups=groups)
+    torch.manual_seed(0)
+    x = torch.randn(n, c, size, size).requires_grad_(True)
+    w = torch.randn(c, c // groups, k, k).requires_grad_(True)
+    out = F.conv2d(x, w, **hyper)
+    v = torch.randn_like(out)
+    grad_x, grad_w = torch.autograd.grad(out, (x, w), v)
+    x, w, out = x.detach(), w.detach(), out.detach()
+    run, expected = {
+        "forward": (lambda: tnf.conv(x, w, **hyper), out),
+        "input_vjp": (lambda: tnf.input_vjp(v, w, x.shape, **hyper), grad_x),
+        "weight_vjp": (lambda: tnf.weight_vjp(x, v, k, **hyper), grad_w),
+    }[op]
+    chosen = []
+
+    def tn_measured_faster(key, runs, device, choose=None):
+        for r in runs:  # every candidate runs (the TN decides its contraction)
+            r()
+        chosen.append(choose([1.0, 0.5]))  # the TN at half the kernel's time
+        return runs[chosen[-1]]()
+
+    monkeypatch.setattr(tnf, "fastest", tn_measured_faster)
+    enabled, threshold = get_autotune()
+    clear_caches()
+    try:
+        set_autotune(True, min_flops=0)
+        torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-4)
+    finally:
+        set_autotune(enabled, threshold)
+    assert chosen == [1 if tn_kept else 0]
+
+
+@pytest.mark.skipif(
+    not __import__("backpack_tn.bench.measure").bench.measure.cpu_memory_supported(),
+    reason="peak resident memory is measured through Linux /proc only",
+)
+@pytest.mark.parametrize("op", ["forward", "input_vjp", "weight_vjp"])
+def test_kernel_memory_bound_uses_a_realistic_estimate(op):
+    """The estimate the kernel-vs-TN memory bound reads (``chosen_memory``) against
+    the TN's measured peak, on the depthwise layer where the bound refuses the TN."""
+    import importlib
+
+    from backpack_tn.bench.measure import peak_memory
+
+    engine = importlib.import_module("backpack_tn.tn.evaluate")
+    torch.manual_seed(0)
+    x = torch.randn(8, 256, 7, 7)
+    w = torch.randn(256, 1, 7, 7)
+    v = torch.randn(8, 256, 7, 7)
+    hyper = dict(padding=3, groups=256)
+    run = {
+        "forward": lambda: tnf.conv(x, w, **hyper),
+        "input_vjp": lambda: tnf.input_vjp(v, w, x.shape, **hyper),
+        "weight_vjp": lambda: tnf.weight_vjp(x, v, 7, **hyper),
+    }[op]
+    clear_caches()
+    native = engine._SETTINGS["native"]
+    engine.set_native(False)  # the TN itself
+    try:
+        run()
+        run()  # plans and patterns are cached, not counted
+        measured = min(peak_memory(run, torch.device("cpu")) for _ in range(2))
+        estimates = [p.memory for p in engine._PREPARED._data.values()]
+    finally:
+        engine.set_native(native)
+        clear_caches()
+    assert len(estimates) == 1
+    assert 0.7 <= measured / estimates[0] <= 1.4, (measured, estimates)
+    tensors = (3 * 8 * 256 * 49 + 256 * 49) * 4  # two inputs and the result
+    assert estimates[0] > 2 * tensors

@@ -112,9 +112,7 @@ def test_kfac_expand_candidates_agree(case: Case, groups_mode, monkeypatch):
         expected = expected[0]
     seen = []
 
-    def each(
-        key, runs, device, keep_first_on_ties=False
-    ):  # run every candidate the engine would time
+    def each(key, runs, device, choose=None):  # every candidate the engine would time
         results = [run() for run in runs]
         seen.append(len(results))
         for result in results[:-1]:  # same numbers (the TN's axes are unflattened)
@@ -168,7 +166,7 @@ def test_polyphase_candidate_on_a_grouped_stem(groups_mode, monkeypatch):
     expected = torch.einsum("ngio,ngjo->gij", u, u) / 3
     names = []
 
-    def each(key, runs, device, keep_first_on_ties=False):
+    def each(key, runs, device, choose=None):
         results = [run() for run in runs]
         names.append(getattr(runs[-1], "func", runs[-1]).__name__)
         return results[-1]  # the polyphase Gram's result flows on
@@ -205,7 +203,7 @@ def test_polyphase_offered_only_where_it_saves_products():
 
     seen = []
 
-    def each(key, runs, device, keep_first_on_ties=False):
+    def each(key, runs, device, choose=None):
         seen.append(len(runs))
         return runs[0]()
 

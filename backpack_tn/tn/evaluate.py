@@ -722,9 +722,11 @@ def _square(result: Tensor, operands: list) -> Tensor:
 
 
 def _may_alias(result: Tensor, operands: list) -> bool:
-    """Whether ``result`` may share memory with an operand (a contraction that only
-    viewed it). Tensors without storage, such as the batched tensors of
-    ``torch.func.vmap``, count as aliasing: their memory cannot be checked."""
+    """Whether ``result`` may share memory with an operand (a contraction viewed it).
+
+    Tensors without storage, such as the batched tensors of ``torch.func.vmap``,
+    count as aliasing: their memory cannot be checked.
+    """
     try:
         pointer = result.data_ptr()
         return any(pointer == t.data_ptr() for t in operands)
@@ -1488,24 +1490,24 @@ def fastest(
     key: tuple,
     runs: Sequence[Callable[[], Tensor]],
     device: torch.device,
-    keep_first_on_ties: bool = False,
+    choose: Optional[Callable[[Sequence[float]], int]] = None,
 ) -> Tensor:
     """Run the fastest of equivalent computations, measured once per ``key``.
 
     For choices outside one tensor network (e.g. a TN vs a torch kernel): the runs
     are timed on the first call for ``key``, or over its first calls where one run
     is long (:func:`_measure`), and the choice is cached; afterwards only the chosen
-    run runs (with ``keep_first_on_ties``, the first run wins ties). Without
-    autotuning (or with a forced strategy) the first run is used.
+    run runs. Without autotuning (or with a forced strategy) the first run is used.
 
     Args:
         key: Identifies the problem (shapes, hyper-parameters, dtype, device).
         runs: Zero-argument functions computing the same result, preferred first.
         device: Device of the computation (CUDA is synchronised for timing).
-        keep_first_on_ties: Keep the first run unless another measured more than
-            :data:`TIME_TIE` faster (:func:`keep_first`): for torch's kernels,
-            which need what the stock computation needs, against a TN that may
-            hold more temporaries.
+        choose: Picks the run to keep from each run's best time, called once the
+            runs are measured (default: the fastest). :func:`keep_first` keeps the
+            first run unless another measured more than :data:`TIME_TIE` faster:
+            for torch's kernels, which need what the stock computation needs,
+            against a TN that may hold more temporaries.
 
     Returns:
         The result of the chosen run.
@@ -1515,7 +1517,6 @@ def fastest(
     index = _FASTEST.get(key)
     if index is not None:
         return runs[index]()
-    choose = keep_first if keep_first_on_ties else None
     result, _, index = _measure(key, runs, device, choose)
     if index is not None:
         _FASTEST.put(key, index)
@@ -1584,6 +1585,19 @@ def prepared_run(
     return _PREPARED.peek(_prepared_key(formulations, _tensors_key(tensors)))
 
 
+def chosen_memory(
+    formulations: Sequence[TensorNetwork], tensors: Mapping[str, Tensor]
+) -> Optional[int]:
+    """Estimated peak bytes of what :func:`evaluate` runs for these tensor shapes.
+
+    The memory estimate of the chosen candidate (:attr:`Candidate.memory`, batch
+    chunking accounted for), or ``None`` until a call of :func:`evaluate` has chosen
+    it (as for :func:`prepared_run`).
+    """
+    prepared = prepared_run(formulations, tensors)
+    return None if prepared is None else prepared.memory
+
+
 def evaluate(
     formulations: Sequence[TensorNetwork], tensors: Mapping[str, Tensor]
 ) -> Tensor:
@@ -1640,8 +1654,11 @@ def evaluate(
         result = _embedded(result, options[ran].network)
     best = options[index]
     # later calls with these shapes run the choice directly (plan once, run many)
-    prepared = _prepared(best, shapes, _chunks(best, shapes, dtype), dtype, device)
+    chunks = _chunks(best, shapes, dtype)
+    prepared = _prepared(best, shapes, chunks, dtype, device)
     prepared.formulations = formulations  # keeps the identity in the key alive
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    prepared.memory = int(chunked_memory(best, shapes, chunks) * itemsize)
     _PREPARED.put(prepared_key, prepared)
     return prepared(tensors) if result is None else result
 
