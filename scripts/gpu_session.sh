@@ -3,7 +3,8 @@
 #
 #   scripts/gpu_session.sh check [SECONDS]  # CUDA tests, main job, overhead, one model
 #   scripts/gpu_session.sh bench [SECONDS]  # model- and layer-level benchmarks
-#   scripts/gpu_session.sh all [SECONDS]    # both in one call (saves a machine start)
+#   scripts/gpu_session.sh recheck [SECONDS]  # re-run the rows the H200 tables missed
+#   scripts/gpu_session.sh all [SECONDS]    # check, recheck, bench in one call
 #   scripts/gpu_session.sh calibrate [SECONDS]  # every candidate timed: the GPU cost model
 #
 # Expects the pure-Python wheels of the dependencies the machine lacks in .whl/
@@ -11,7 +12,7 @@
 # JSON as one tarball under $OUT (default /tmp/gpu_out). Every step has its own
 # time limit and the whole phase a deadline, so what finished always comes back.
 set -u
-phase=${1:?usage: gpu_session.sh check|bench|all|calibrate}
+phase=${1:?usage: gpu_session.sh check|bench|recheck|all|calibrate}
 budget=${2:-480}  # seconds for the whole phase
 OUT=${OUT:-/tmp/gpu_out}
 results=/tmp/gpu_results  # packed into $OUT/results.tgz at the end
@@ -95,6 +96,13 @@ benchmarks() {
     done
 }
 
+# the layer rows the last GPU tables missed (slower than stock, or more memory), again:
+# what a change aimed at them did, in a few minutes instead of a full zoo run
+recheck() {
+    step recheck_h200 240 $bench $py -m backpack_tn.bench.recheck docs/bench/h200/zoo_*.json \
+        --device $dev --repeats 3 --json-dir "$results/recheck_h200"
+}
+
 calibration() {
     for m in resnet18 alexnet mobilenet_v2; do
         step "calibrate_$m" 200 $bench $py -m backpack_tn.bench.calibrate --models $m \
@@ -106,8 +114,10 @@ case $phase in
 check) check ;;
 calibrate) calibration ;;
 bench) benchmarks ;;
+recheck) recheck ;;
 all)
     check
+    recheck
     benchmarks
     ;;
 *)

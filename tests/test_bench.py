@@ -591,3 +591,99 @@ def test_pairs_command_times_the_engines_planned_steps(capsys):
     timed = int(out.split(" timed as a bmm")[0].split(", ")[-1])
     assert timed >= 1  # small layers: the engine plans some steps as a bmm
     assert out.count("` | (") == timed  # one table row per timed step
+
+
+def _saved_row(layer, op, impl, seconds, memory, description="5x5 s1 p2 1→32 @28x28"):
+    return dict(
+        layer=layer,
+        description=description,
+        operation=op,
+        implementation=impl,
+        time_s=seconds,
+        memory_bytes=memory,
+        rel_error=0.0,
+        category="general",
+    )
+
+
+def test_recheck_finds_the_rows_that_missed():
+    """A miss: slower than the fastest stock by more than the tolerance, or more
+    memory than the leanest by more than the tolerance and the minimum bytes."""
+    from backpack_tn.bench.recheck import find_layer, misses
+
+    mib = 1 << 20
+    rows = report.comparisons(
+        [
+            _saved_row("L", "slow", "tn", 1.1, mib, "d"),
+            _saved_row("L", "slow", "unfold", 1.0, mib, "d"),
+            _saved_row("L", "noise", "tn", 1.04, mib, "d"),
+            _saved_row("L", "noise", "torch", 1.0, mib, "d"),
+            _saved_row("L", "fat", "tn", 1.0, 2 * mib, "d"),
+            _saved_row("L", "fat", "backpack", 2.0, mib, "d"),
+            _saved_row("L", "tiny", "tn", 1.0, 40_000, "d"),  # 2x, but 20 kB
+            _saved_row("L", "tiny", "unfold", 1.0, 20_000, "d"),
+            _saved_row("L", "both", "tn", 2.0, 2 * mib, "d"),
+            _saved_row("L", "both", "unfold", 1.0, mib, "d"),
+            _saved_row("L", "einconv-only", "tn", 2.0, 2 * mib, "d"),
+            _saved_row("L", "einconv-only", "einconv", 1.0, mib, "d"),
+        ]
+    )
+    assert misses(rows) == {
+        ("L", "slow"): ["time"],
+        ("L", "fat"): ["memory"],
+        ("L", "both"): ["time", "memory"],
+    }
+    assert misses(rows, tolerance=1.2) == {
+        ("L", "fat"): ["memory"],
+        ("L", "both"): ["time", "memory"],
+    }
+    assert ("L", "tiny") in misses(rows, min_memory=0)
+    assert find_layer("2c2d-1").in_channels == 32
+    assert find_layer("3x3-s1").name == "3x3-s1"
+    with pytest.raises(ValueError, match="Unknown benchmark layer"):
+        find_layer("2c2d-99")
+
+
+def test_recheck_command_re_runs_only_the_missed_rows(tmp_path, capsys):
+    """Only the missed (layer, operation) pairs run again, with the saved file's
+    batch size; the re-run is saved under the same name and compared row by row."""
+    from backpack_tn.bench.recheck import main as recheck_main
+
+    mib = 1 << 20
+    saved = tmp_path / "zoo_2c2d.json"
+    saved.write_text(
+        json.dumps(
+            {
+                "meta": {"batch_size": 2, "classes": 3, "dtype": "float32"},
+                "results": [
+                    # per-sample gradients: slower than unfold (a miss)
+                    _saved_row("2c2d-0", "per_sample_grad", "tn", 2.0, mib),
+                    _saved_row("2c2d-0", "per_sample_grad", "unfold", 1.0, mib),
+                    # KFAC-reduce: faster and leaner (no miss)
+                    _saved_row("2c2d-0", "kfac_reduce", "tn", 1.0, mib),
+                    _saved_row("2c2d-0", "kfac_reduce", "unfold", 2.0, mib),
+                    # batch L2 on the second layer: more memory (a miss)
+                    _saved_row("2c2d-1", "batch_l2", "tn", 1.0, 3 * mib),
+                    _saved_row("2c2d-1", "batch_l2", "unfold", 2.0, mib),
+                ],
+            }
+        )
+    )
+    out = tmp_path / "out"
+    status = recheck_main(
+        [str(saved), "--json-dir", str(out), "--repeats", "1", "--no-memory"]
+    )
+    assert status == 0  # every implementation agreed with the TN result
+    rerun = json.loads((out / "zoo_2c2d.json").read_text())
+    assert rerun["meta"]["batch_size"] == 2 and rerun["meta"]["rechecked"] == str(saved)
+    assert {(r["layer"], r["operation"]) for r in rerun["results"]} == {
+        ("2c2d-0", "per_sample_grad"),
+        ("2c2d-1", "batch_l2"),
+    }
+    assert {r["implementation"] for r in rerun["results"]} >= {"tn", "unfold"}
+    text = capsys.readouterr().out
+    assert "- missed by time: 1 before" in text
+    assert "- missed by memory: 1 before" in text
+    assert "| 2c2d-0 (5x5 s1 p2 1→32 @28x28) | per_sample_grad | time | 0.50× " in text
+    assert "| 2c2d-1 (5x5 s1 p2 1→32 @28x28) | batch_l2 | memory | 3.00× " in text
+    assert "not measured |" in text  # --no-memory: no reading now
