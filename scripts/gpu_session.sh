@@ -99,7 +99,7 @@ benchmarks() {
 # the layer rows the last GPU tables missed (slower than stock, or more memory), again:
 # what a change aimed at them did, in a few minutes instead of a full zoo run
 recheck() {
-    step recheck_h200 240 $bench $py -m backpack_tn.bench.recheck docs/bench/h200/zoo_*.json \
+    step recheck_h200 180 $bench $py -m backpack_tn.bench.recheck docs/bench/h200/zoo_*.json \
         --device $dev --repeats 3 --json-dir "$results/recheck_h200"
 }
 
