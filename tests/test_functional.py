@@ -456,3 +456,49 @@ def test_vmap_over_independent_problems(case: Case, simplify):
     for name, result in mapped.items():
         want = torch.stack([e[name] for e in expected])
         close(result, want.reshape(result.shape))
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.name in ("k3-s2-p1", "k3-s1-p1-reflect")], ids=str
+)
+def test_squared_quantities_in_forward_mode(case: Case, simplify):
+    """Forward-mode AD (dual tensors) through the squared quantities, against
+    forward-mode AD through unfold-based references. The in-place square of their
+    contraction results gave wrong tangents (a dual tensor does not require grad)."""
+    import torch.autograd.forward_ad as fwAD
+
+    _, x, out, grad_out, *_ = forward_with_grads(case)
+    S = _random_S(case, out)
+    k, hyper = case.kernel_size, case.hyper
+    groups, c_out = case.groups, case.c_out
+
+    def per_sample(x, g):  # [N, C_out, C_in/G·ΠK] from the unfolded input
+        u = grouped_unfold(case, x)
+        g = g.reshape(g.shape[0], groups, c_out // groups, -1)
+        return torch.einsum("ngdo,ngio->ngdi", g, u).reshape(g.shape[0], c_out, -1)
+
+    quantities = {
+        "diag_ggn": (
+            lambda x, g: tnf.diag_ggn_weight(x, S, k, simplify=simplify, **hyper),
+            lambda x, g: _reference_sqrt_ggn(case, x, S).pow(2).sum((0, 1)),
+        ),
+        "batch_l2": (
+            lambda x, g: tnf.batch_l2_weight(x, g, k, simplify=simplify, **hyper),
+            lambda x, g: per_sample(x, g).pow(2).flatten(1).sum(1),
+        ),
+        "sum_grad_squared": (
+            lambda x, g: tnf.sum_grad_squared_weight(
+                x, g, k, simplify=simplify, **hyper
+            ),
+            lambda x, g: per_sample(x, g).pow(2).sum(0),
+        ),
+    }
+    torch.manual_seed(6)
+    tangents = (torch.randn_like(x), torch.randn_like(grad_out))
+    for run, reference in quantities.values():
+        with fwAD.dual_level():
+            inputs = [fwAD.make_dual(t, d) for t, d in zip((x, grad_out), tangents)]
+            value, tangent = fwAD.unpack_dual(reference(*inputs))
+            primal, ours = fwAD.unpack_dual(run(*inputs))
+            close(primal, value.reshape(primal.shape))
+            close(ours, tangent.reshape(ours.shape))

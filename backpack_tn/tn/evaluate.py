@@ -50,6 +50,7 @@ from typing import (
 import opt_einsum
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from backpack_tn.tn import windows
 from backpack_tn.tn.cache import LRUCache
@@ -714,9 +715,15 @@ def _square(result: Tensor, operands: list) -> Tensor:
     """``result²``, in place where the contraction result is fresh memory.
 
     Not in place where autograd records the result: the product's backward needs
-    the factor the in-place square would overwrite.
+    the factor the in-place square would overwrite; nor for a forward-mode dual
+    tensor, whose tangent the in-place square gets wrong (``y = 3`` with tangent 1
+    squared in place had tangent 12, not 6).
     """
-    if result.requires_grad or _may_alias(result, operands):
+    if (
+        result.requires_grad
+        or forward_ad.unpack_dual(result).tangent is not None
+        or _may_alias(result, operands)
+    ):
         return result * result
     return result.mul_(result)
 
