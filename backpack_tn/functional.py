@@ -468,8 +468,10 @@ def _lean_enough(
 ) -> bool:
     """Whether the TN's chosen contraction fits :data:`TN_MEMORY_FACTOR` (if known)."""
     memory = tn.memory(*tensors)
-    if memory is None:  # not decided (cannot happen after it ran): no reason to refuse
-        return True
+    if memory is None:
+        # unknown: the TN's prepared entry was evicted (or cleared) between its
+        # last measured run and the call that decides; the kernel is the safe side
+        return False
     present = [t for t in tensors if t is not None]
     elements = sum(t.numel() for t in present) + math.prod(result_shape)
     return memory <= TN_MEMORY_FACTOR * elements * present[0].element_size()

@@ -9,6 +9,7 @@ compares like with like), and the report picks the fastest stock implementation.
 from __future__ import annotations
 
 import json
+import platform
 import time
 
 import pytest
@@ -646,7 +647,11 @@ def test_recheck_finds_the_rows_that_missed():
 
 def test_recheck_command_re_runs_only_the_missed_rows(tmp_path, capsys):
     """Only the missed (layer, operation) pairs run again, with the saved file's
-    batch size; the re-run is saved under the same name and compared row by row."""
+    batch size; the re-run is saved under the same name, compared row by row, and
+    merges back into the saved file. Without memory readings, rows that missed only
+    by memory are not re-run (and not counted as fixed); unknown layers are skipped.
+    """
+    from backpack_tn.bench.merge import update
     from backpack_tn.bench.recheck import main as recheck_main
 
     mib = 1 << 20
@@ -654,7 +659,15 @@ def test_recheck_command_re_runs_only_the_missed_rows(tmp_path, capsys):
     saved.write_text(
         json.dumps(
             {
-                "meta": {"batch_size": 2, "classes": 3, "dtype": "float32"},
+                "meta": {
+                    "batch_size": 2,
+                    "classes": 3,
+                    "dtype": "float32",
+                    # this machine's: a re-run merges into a run of the same settings
+                    "device": platform.processor() or platform.machine(),
+                    "threads": 1,
+                    "torch": torch.__version__,
+                },
                 "results": [
                     # per-sample gradients: slower than unfold (a miss)
                     _saved_row("2c2d-0", "per_sample_grad", "tn", 2.0, mib),
@@ -665,25 +678,36 @@ def test_recheck_command_re_runs_only_the_missed_rows(tmp_path, capsys):
                     # batch L2 on the second layer: more memory (a miss)
                     _saved_row("2c2d-1", "batch_l2", "tn", 1.0, 3 * mib),
                     _saved_row("2c2d-1", "batch_l2", "unfold", 2.0, mib),
+                    # a layer of no known model: skipped
+                    _saved_row("mynet-3", "forward", "tn", 2.0, mib),
+                    _saved_row("mynet-3", "forward", "torch", 1.0, mib),
                 ],
             }
         )
     )
     out = tmp_path / "out"
-    status = recheck_main(
-        [str(saved), "--json-dir", str(out), "--repeats", "1", "--no-memory"]
-    )
-    assert status == 0  # every implementation agreed with the TN result
+    args = [str(saved), "--json-dir", str(out), "--repeats", "1"]
+    assert recheck_main(args + ["--no-memory"]) == 0  # implementations agreed
     rerun = json.loads((out / "zoo_2c2d.json").read_text())
     assert rerun["meta"]["batch_size"] == 2 and rerun["meta"]["rechecked"] == str(saved)
     assert {(r["layer"], r["operation"]) for r in rerun["results"]} == {
-        ("2c2d-0", "per_sample_grad"),
-        ("2c2d-1", "batch_l2"),
+        ("2c2d-0", "per_sample_grad")
     }
     assert {r["implementation"] for r in rerun["results"]} >= {"tn", "unfold"}
-    text = capsys.readouterr().out
-    assert "- missed by time: 1 before" in text
-    assert "- missed by memory: 1 before" in text
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "- missed by time: 2 before; re-measured 1, of which " in text
+    assert "1 not re-measured" in text  # mynet-3's forward
+    assert "- missed by memory: 1 before; re-measured 0, of which 0 still miss" in text
     assert "| 2c2d-0 (5x5 s1 p2 1→32 @28x28) | per_sample_grad | time | 0.50× " in text
     assert "| 2c2d-1 (5x5 s1 p2 1→32 @28x28) | batch_l2 | memory | 3.00× " in text
-    assert "not measured |" in text  # --no-memory: no reading now
+    assert "Unknown benchmark layer 'mynet-3'" in captured.err
+    # the re-run replaces the saved rows it re-measured, the others stay
+    merged = update([str(saved), str(out / "zoo_2c2d.json")], "test")
+    assert len(merged["results"]) == len(rerun["results"]) + 6
+    # two files of the same name would write one output
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "zoo_2c2d.json").write_text(saved.read_text())
+    with pytest.raises(SystemExit):
+        recheck_main(args + [str(other / "zoo_2c2d.json")])

@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence
 
 #: What identifies a measurement, and run metadata that need not agree.
 _KEY = ("layer", "description", "operation", "implementation")
-_VARYING_META = ("command", "runs", "merge", "parts")
+_VARYING_META = ("command", "runs", "merge", "parts", "rechecked")
 
 
 def merge(paths: Sequence[str]) -> dict:

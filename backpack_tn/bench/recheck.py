@@ -14,8 +14,11 @@ more: smaller differences are below what the CPU's resident-set readings resolve
 Each layer with a miss is re-run, for the operations that missed, with the batch size,
 classes and dtype of the file it came from (its ``meta``). The re-run of each input
 file is written to ``JSON_DIR`` under the same name, in the format of
-``python -m backpack_tn.bench --json`` (``report`` and ``merge`` read it), and a table
-compares every missed row's reading before and now.
+``python -m backpack_tn.bench --json`` (``report`` reads it, ``merge --update``
+puts it back into its table), and a table compares every missed row's reading before
+and now. With ``--no-memory``, rows that missed by memory only are not re-run; rows
+of layers the benchmark does not know are skipped (with a message), and neither kind
+counts as fixed.
 """
 
 from __future__ import annotations
@@ -93,11 +96,18 @@ def _reading(row: Optional[dict], kind: str) -> str:
         return (
             f"{row['speedup']:.2f}× ({1e3 * row['tn_time_s']:.2f} ms, {row['fastest']})"
         )
-    if row["tn_memory"] is None or not row["stock_memory"]:
+    if not _has_memory(row):
         return "not measured"
+    ours, stock = row["tn_memory"], row["stock_memory"]
+    ratio = f"{ours / stock:.2f}× " if stock else ""  # a reading of 0: no ratio
+    return f"{ratio}({ours / 2**20:.1f} vs {stock / 2**20:.1f} MiB)"
+
+
+def _has_memory(row: Optional[dict]) -> bool:
     return (
-        f"{row['tn_memory'] / row['stock_memory']:.2f}× "
-        f"({row['tn_memory'] / 2**20:.1f} vs {row['stock_memory'] / 2**20:.1f} MiB)"
+        row is not None
+        and row["tn_memory"] is not None
+        and row["stock_memory"] is not None
     )
 
 
@@ -108,18 +118,28 @@ def comparison(
     tolerance: float = 1.05,
     min_memory: int = MIN_MEMORY_BYTES,
 ) -> str:
-    """Markdown: the counts, then every missed row's reading before and now."""
+    """Markdown: the counts, then every missed row's reading before and now.
+
+    A missed row counts as re-measured if the re-run has it (for memory: with a
+    memory reading); the others are counted apart, neither fixed nor missed.
+    """
     old = {(r["layer"], r["operation"]): r for r in before}
     new = {(r["layer"], r["operation"]): r for r in now}
     still = misses(now, tolerance, min_memory)
+
+    def measured(key: tuple, kind: str) -> bool:
+        return key in new and (kind == "time" or _has_memory(new[key]))
+
     lines = []
     for kind in ("time", "memory"):
-        total = sum(kind in kinds for kinds in missed.values())
-        left = sum(
-            kind in kinds and kind in still.get(key, ())
-            for key, kinds in missed.items()
-        )
-        lines.append(f"- missed by {kind}: {total} before, {left} of them now")
+        rows = [key for key, kinds in missed.items() if kind in kinds]
+        again = [key for key in rows if measured(key, kind)]
+        left = sum(kind in still.get(key, ()) for key in again)
+        line = f"- missed by {kind}: {len(rows)} before; re-measured {len(again)}"
+        line += f", of which {left} still miss"
+        if len(again) < len(rows):
+            line += f"; {len(rows) - len(again)} not re-measured"
+        lines.append(line)
     lines += [
         "",
         "| layer | operation | missed by | before | now |",
@@ -171,16 +191,31 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    os.makedirs(args.json_dir, exist_ok=True)
-    bad: List[Measurement] = []
+    names = [os.path.basename(path) for path in args.results]
+    if len(set(names)) < len(names):
+        parser.error("the result files must have distinct names (outputs share them)")
+    # everything is looked up before any measurement: a lent GPU's time is short
+    plans = []
     for path in args.results:
         with open(path) as f:
             saved = json.load(f)
         before = report.comparisons(saved["results"])
         missed = misses(before, args.tolerance, args.min_memory)
         ops: Dict[str, List[str]] = defaultdict(list)
-        for layer, op in missed:
-            ops[layer].append(op)
+        for (name, op), kinds in missed.items():
+            if args.no_memory and kinds == ["memory"]:
+                continue  # nothing to re-measure without memory readings
+            ops[name].append(op)
+        layers = {}
+        for name in ops:
+            try:
+                layers[name] = find_layer(name)
+            except ValueError as error:
+                print(f"skipped: {error}", file=sys.stderr)
+        plans.append((path, saved, before, missed, ops, layers))
+    os.makedirs(args.json_dir, exist_ok=True)
+    bad: List[Measurement] = []
+    for path, saved, before, missed, ops, layers in plans:
         meta = dict(saved["meta"])
         meta.update(
             device=torch.cuda.get_device_name(device)
@@ -194,11 +229,11 @@ def main(argv=None) -> int:
         )
         out = os.path.join(args.json_dir, os.path.basename(path))
         results: List[Measurement] = []
-        for name, layer_ops in sorted(ops.items()):
+        for name, layer in sorted(layers.items()):
             done = list(results)
             results += run_layers(
-                [find_layer(name)],
-                sorted(layer_ops),
+                [layer],
+                sorted(ops[name]),
                 meta["batch_size"],
                 meta.get("classes", 10),
                 getattr(torch, meta.get("dtype", "float32")),

@@ -1401,15 +1401,16 @@ def _tune(
 def chunked_memory(candidate: Candidate, shapes: Mapping[str, Shape], chunks: int):
     """A candidate's memory estimate when the batch runs in ``chunks`` pieces.
 
-    The temporaries shrink with the chunk; the result is whole (summed into, or
-    concatenated from, the pieces).
+    The temporaries shrink with the chunk; the result is held twice: the pieces and
+    their concatenation (per-sample results), or the running sum and the piece
+    added to it (summed ones).
     """
     if chunks == 1:
         return candidate.memory
     net = candidate.network
     sizes = _axis_sizes(net, shapes)
     result = math.prod(sizes[a] for a in net.result_axes)
-    return result + max(candidate.memory - result, 0) / chunks
+    return 2 * result + max(candidate.memory - result, 0) / chunks
 
 
 def _prepared_einsum(
