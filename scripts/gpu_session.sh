@@ -5,6 +5,8 @@
 #   scripts/gpu_session.sh bench [SECONDS]  # model- and layer-level benchmarks
 #   scripts/gpu_session.sh recheck [SECONDS]  # re-run the rows the H200 tables missed
 #   scripts/gpu_session.sh all [SECONDS]    # check, recheck, bench in one call
+#       (on an H200: check ~100 s, recheck up to 180 s; give 565 s to leave the
+#       benchmarks time, whose steps are skipped once the deadline nears)
 #   scripts/gpu_session.sh calibrate [SECONDS]  # every candidate timed: the GPU cost model
 #
 # Expects the pure-Python wheels of the dependencies the machine lacks in .whl/
