@@ -992,6 +992,14 @@ def _window_cost(
 
 
 def _chunks(candidate: Candidate, shapes: Mapping[str, Shape], dtype) -> int:
+    """Batch chunks that bring the candidate's largest intermediate within budget.
+
+    One (no chunking) where it fits, where an operand lacks the batch, or where
+    the largest intermediate does not hold the batch: a sum over the samples
+    contracted early (a depthwise 7×7 weight VJP by index patterns keeps a
+    ``[G, K1, O1, I2, K2]`` intermediate whatever the batch), which chunks would
+    only repeat, each time with its own copies.
+    """
     budget = _SETTINGS["budget"]
     item = torch.empty((), dtype=dtype).element_size()
     needed = candidate.largest_intermediate * item
@@ -1001,7 +1009,37 @@ def _chunks(candidate: Candidate, shapes: Mapping[str, Shape], dtype) -> int:
     if not all("n" in op.axes for op in net.operands if op.source in ("x", "v", "s")):
         return 1
     batch = shapes["x"][0] if "x" in shapes else shapes["v"][0]
-    return max(1, min(batch, math.ceil(needed / budget)))
+    chunks = max(1, min(batch, math.ceil(needed / budget)))
+    if chunks > 1 and not _batch_in_largest(net, shapes, batch, dtype):
+        return 1
+    return chunks
+
+
+def _batch_in_largest(
+    net: TensorNetwork, shapes: Mapping[str, Shape], batch: int, dtype
+) -> bool:
+    """Whether the network's largest intermediate shrinks with the batch (halved)."""
+    # ``n`` is a leading axis of each source that has it (as in :func:`_execute`)
+    position = {
+        op.source: op.axes.index("n")
+        for op in net.operands
+        if op.source is not None and "n" in op.axes
+    }
+    half = dict(shapes)
+    for name, axis in position.items():
+        shape = list(shapes[name])
+        shape[axis] = max(1, batch // 2)
+        half[name] = tuple(shape)
+
+    def largest(source_shapes: Mapping[str, Shape]) -> int:
+        op_shapes = [_operand_shape(net, op, source_shapes) for op in net.operands]
+        # planned on the meta device: only the sizes are wanted
+        return _plan(net.equation, op_shapes, dtype, _META).largest_intermediate
+
+    return largest(half) < largest(shapes)
+
+
+_META = torch.device("meta")
 
 
 def _execute(
