@@ -1689,3 +1689,37 @@ def test_chunks_only_where_the_batch_is_in_the_largest_intermediate(
     monkeypatch.setitem(engine._SETTINGS, "budget", 10**6)
     assert pattern.largest_intermediate * 4 > 10**6
     assert (engine._chunks(pattern, shapes, torch.float32) > 1) == chunked
+
+
+def test_memory_bound_keeps_the_kernel_for_the_h200s_wrong_choice(monkeypatch):
+    """All-CNN-C's 3×3 stride-2 96→96 input VJP: the H200 ran the TN at 2.3× the
+    kernel's time and 6× its memory (72 vs 12 MiB at batch 32). The TN's estimate
+    is 2.4× the call's tensors and result at any batch size: the bound keeps the
+    kernel, whatever the timing says (here: the TN measured 2× faster)."""
+    from backpack_tn.tn.evaluate import get_autotune, set_autotune
+
+    chosen = []
+
+    def tn_measured_faster(key, runs, device, choose=None):
+        for r in runs:
+            r()
+        chosen.append(choose([1.0, 0.5]))
+        return runs[chosen[-1]]()
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 96, 32, 32, requires_grad=True)
+    w = torch.randn(96, 96, 3, 3)
+    out = F.conv2d(x, w, stride=2, padding=1)
+    v = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, x, v)
+    monkeypatch.setattr(tnf, "fastest", tn_measured_faster)
+    enabled, threshold = get_autotune()
+    clear_caches()
+    try:
+        set_autotune(True, min_flops=0)
+        result = tnf.input_vjp(v, w, x.shape, stride=2, padding=1)
+    finally:
+        set_autotune(enabled, threshold)
+        clear_caches()
+    assert chosen == [0]
+    torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-4)
