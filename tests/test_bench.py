@@ -190,6 +190,43 @@ def test_short_calls_are_timed_in_batches():
     assert medians["slow"] >= 0.002 > medians["fast"]
 
 
+@pytest.mark.parametrize(
+    "single, loops, expected",
+    [(0.003, 4, 17), (0.0002, 50, 50), (0.03, 1, 2), (0.2, 1, 0), (0.06, 1, 1)],
+    ids=["3ms", "0.2ms-capped", "30ms", "long", "60ms"],
+)
+def test_short_samples_warm_up_for_a_while(single, loops, expected):
+    """Before each timed sample, short calls are repeated untimed for at least
+    WARM_SECONDS (at most _MAX_WARM_CALLS calls); long ones are not."""
+    assert measure.WARM_SECONDS == 0.05 and measure._MAX_WARM_CALLS == 50
+    assert measure._warm_calls(single, loops) == expected
+
+
+def test_interleaved_samples_start_after_the_warm_up(monkeypatch):
+    """Each sample of a short call follows its warm-up calls (a fake clock: each
+    call of ``short`` takes 3 ms, of ``long`` 200 ms)."""
+    now = [0.0]
+    calls = []
+
+    def clock():
+        return now[0]
+
+    def runner(name, seconds):
+        def run():
+            calls.append(name)
+            now[0] += seconds
+
+        return run
+
+    monkeypatch.setattr(measure.time, "perf_counter", clock)
+    fns = {"short": runner("short", 0.003), "long": runner("long", 0.2)}
+    medians = interleaved_medians(fns, torch.device("cpu"), repeats=2)
+    assert medians == pytest.approx({"short": 0.003, "long": 0.2})
+    # per round: 17 untimed calls (51 ms) and a sample of 4 calls (12 ms)
+    rounds = "".join("s" if c == "short" else "l" for c in calls)
+    assert rounds.count("s" * (17 + 4)) == 2
+
+
 def test_round_order_balances_predecessors():
     names = ["a", "b", "c"]
     follows = {}
@@ -711,3 +748,42 @@ def test_recheck_command_re_runs_only_the_missed_rows(tmp_path, capsys):
     (other / "zoo_2c2d.json").write_text(saved.read_text())
     with pytest.raises(SystemExit):
         recheck_main(args + [str(other / "zoo_2c2d.json")])
+
+
+def test_per_layer_operations_time_everything_before_any_memory(monkeypatch):
+    """``run_layers(layer_operations=...)`` runs each layer's own operations, and
+    every timing before the first memory reading (which changes malloc's state)."""
+    from backpack_tn.bench import run as bench_run
+
+    events = []
+
+    def timed(fns, device, repeats):
+        events.append(("time", len(fns)))
+        return {name: 1.0 for name in fns}
+
+    def peaks(fns, device, rounds):
+        events.append(("memory", len(fns)))
+        return {name: 1 for name in fns}
+
+    monkeypatch.setattr(bench_run, "interleaved_medians", timed)
+    monkeypatch.setattr(bench_run, "min_peak_memories", peaks)
+    layers = [model_layers("2c2d")[0], model_layers("2c2d")[1]]
+    results = bench_run.run_layers(
+        layers,
+        (),
+        2,
+        3,
+        torch.float32,
+        torch.device("cpu"),
+        1,
+        with_plain=False,
+        layer_operations={"2c2d-0": ["forward"], "2c2d-1": ["batch_l2", "kfac_reduce"]},
+    )
+    assert {(r.layer, r.operation) for r in results} == {
+        ("2c2d-0", "forward"),
+        ("2c2d-1", "batch_l2"),
+        ("2c2d-1", "kfac_reduce"),
+    }
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["time"] * 3 + ["memory"] * 3
+    assert all(r.memory_bytes == 1 for r in results)

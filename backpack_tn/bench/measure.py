@@ -244,8 +244,25 @@ def median_time(
 MIN_SAMPLE_SECONDS = 0.01
 _MAX_LOOPS = 100
 
-#: Samples of calls shorter than this start with (up to five) untimed calls.
+#: Samples of calls shorter than this start with untimed calls ...
 WARM_BELOW_SECONDS = 0.1
+#: ... for at least this long (and at least as many as the sample has calls, up to
+#: five; at most :data:`_MAX_WARM_CALLS`). Three warm-up calls were not enough after
+#: einconv's 165 ms run, which had allocated and freed 65 MB: the implementation
+#: timed next read 15-25 % slow, so with three rounds the first-listed one (``tn``,
+#: following einconv twice) lost on short rows it did not lose. MobileNet-v2's 3×3
+#: stride-2 depthwise input VJP, the same torch kernel on both sides, read 0.80-0.88×
+#: in three such runs; with 12 warm-up calls (36 ms) both read 3.1 ms.
+WARM_SECONDS = 0.05
+_MAX_WARM_CALLS = 50
+
+
+def _warm_calls(single: float, loops: int) -> int:
+    """Untimed calls before a sample of calls that took ``single`` seconds each."""
+    if single >= WARM_BELOW_SECONDS:
+        return 0
+    by_time = math.ceil(WARM_SECONDS / single) if single > 0 else _MAX_WARM_CALLS
+    return min(_MAX_WARM_CALLS, max(min(loops, 5), by_time))
 
 
 def calls_per_sample(
@@ -309,8 +326,8 @@ def interleaved_medians(
             # The first calls after another implementation's big allocations were
             # freed pay page faults and cold caches (measured: 3–4 calls of a 0.3 ms
             # convolution at up to 4× after einconv): untimed calls absorb that where
-            # they are cheap.
-            warmup = min(loops[name], 5) if single[name] < WARM_BELOW_SECONDS else 0
+            # they are cheap (:data:`WARM_SECONDS`).
+            warmup = _warm_calls(single[name], loops[name])
             sample = median_time(
                 fns[name], device, repeats=1, warmup=warmup, loops=loops[name]
             )

@@ -156,12 +156,6 @@ def comparison(
     return "\n".join(lines)
 
 
-def _save_with(
-    done: List[Measurement], results: List[Measurement], path: str, meta: dict
-) -> None:
-    save_json(done + results, path, meta)
-
-
 def main(argv=None) -> int:
     """Re-run the missed rows of each file and print the comparison.
 
@@ -228,23 +222,23 @@ def main(argv=None) -> int:
             rechecked=path,
         )
         out = os.path.join(args.json_dir, os.path.basename(path))
-        results: List[Measurement] = []
-        for name, layer in sorted(layers.items()):
-            done = list(results)
-            results += run_layers(
-                [layer],
-                sorted(ops[name]),
-                meta["batch_size"],
-                meta.get("classes", 10),
-                getattr(torch, meta.get("dtype", "float32")),
-                device,
-                args.repeats,
-                measure_memory=not args.no_memory,
-                with_plain=False,
-                memory_rounds=args.memory_rounds,
-                # saved as the run goes: a run stopped at a time limit keeps its rows
-                on_layer=partial(_save_with, done, path=out, meta=meta),
-            )
+        # one run for all the layers: every timing before any memory reading (which
+        # changes how malloc serves big blocks, see bench.measure)
+        results = run_layers(
+            [layer for _, layer in sorted(layers.items())],
+            (),
+            meta["batch_size"],
+            meta.get("classes", 10),
+            getattr(torch, meta.get("dtype", "float32")),
+            device,
+            args.repeats,
+            measure_memory=not args.no_memory,
+            with_plain=False,
+            memory_rounds=args.memory_rounds,
+            # saved as the run goes: a run stopped at a time limit keeps its rows
+            on_layer=partial(save_json, path=out, meta=meta),
+            layer_operations={name: sorted(ops[name]) for name in layers},
+        )
         save_json(results, out, meta)
         now = report.comparisons([r.__dict__ for r in results])
         print(f"## {path} → {out}\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -67,6 +67,7 @@ def run_layers(
     with_plain: bool = True,
     memory_rounds: int = 2,
     on_layer: Optional[Callable[[List[Measurement]], None]] = None,
+    layer_operations: Optional[Mapping[str, Sequence[str]]] = None,
 ) -> List[Measurement]:
     """Time (and measure memory of) every implementation of every operation.
 
@@ -78,15 +79,25 @@ def run_layers(
     rotated order (:func:`backpack_tn.bench.measure.min_peak_memories`).
     ``on_layer`` gets the measurements so far after each layer's timings and after
     each layer's memory readings (e.g. to save them as the run goes).
+    ``layer_operations`` (by layer name) replaces ``operations`` per layer: a re-run
+    of some operations of some layers still times all of them before measuring any
+    memory.
     """
     operations = list(operations)
+
+    def operations_of(layer: Layer) -> List[str]:
+        if layer_operations is None:
+            return operations
+        return list(layer_operations[layer.name])
+
     results: List[Measurement] = []
     calls = []
-    steps = len(layers) * len(operations) * (2 if measure_memory else 1)
+    steps = sum(len(operations_of(layer)) for layer in layers)
+    steps *= 2 if measure_memory else 1
     bar = tqdm(total=steps, desc="benchmark", leave=False)
     for layer in layers:
         problem = make_problem(layer, batch_size, classes, dtype, device)
-        for op in operations:
+        for op in operations_of(layer):
             bar.set_postfix_str(f"time {layer.name} {op}")
             references = {}
             impls = implementations(op, problem, with_plain)
@@ -126,7 +137,7 @@ def run_layers(
         measured = iter(results)
         for layer in layers:
             problem = make_problem(layer, batch_size, classes, dtype, device)
-            for op in operations:
+            for op in operations_of(layer):
                 bar.set_postfix_str(f"memory {layer.name} {op}")
                 impls = implementations(op, problem, with_plain)
                 peaks = min_peak_memories(
