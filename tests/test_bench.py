@@ -692,6 +692,7 @@ def test_recheck_command_re_runs_only_the_missed_rows(tmp_path, capsys):
     from backpack_tn.bench.recheck import main as recheck_main
 
     mib = 1 << 20
+    layer1 = "5x5 s1 p2 32→64 @14x14"
     saved = tmp_path / "zoo_2c2d.json"
     saved.write_text(
         json.dumps(
@@ -713,8 +714,8 @@ def test_recheck_command_re_runs_only_the_missed_rows(tmp_path, capsys):
                     _saved_row("2c2d-0", "kfac_reduce", "tn", 1.0, mib),
                     _saved_row("2c2d-0", "kfac_reduce", "unfold", 2.0, mib),
                     # batch L2 on the second layer: more memory (a miss)
-                    _saved_row("2c2d-1", "batch_l2", "tn", 1.0, 3 * mib),
-                    _saved_row("2c2d-1", "batch_l2", "unfold", 2.0, mib),
+                    _saved_row("2c2d-1", "batch_l2", "tn", 1.0, 3 * mib, layer1),
+                    _saved_row("2c2d-1", "batch_l2", "unfold", 2.0, mib, layer1),
                     # a layer of no known model: skipped
                     _saved_row("mynet-3", "forward", "tn", 2.0, mib),
                     _saved_row("mynet-3", "forward", "torch", 1.0, mib),
@@ -737,11 +738,15 @@ def test_recheck_command_re_runs_only_the_missed_rows(tmp_path, capsys):
     assert "1 not re-measured" in text  # mynet-3's forward
     assert "- missed by memory: 1 before; re-measured 0, of which 0 still miss" in text
     assert "| 2c2d-0 (5x5 s1 p2 1→32 @28x28) | per_sample_grad | time | 0.50× " in text
-    assert "| 2c2d-1 (5x5 s1 p2 1→32 @28x28) | batch_l2 | memory | 3.00× " in text
+    assert f"| 2c2d-1 ({layer1}) | batch_l2 | memory | 3.00× " in text
     assert "Unknown benchmark layer 'mynet-3'" in captured.err
-    # the re-run replaces the saved rows it re-measured, the others stay
+    # the re-run replaces the saved rows it re-measured, the others stay; without
+    # memory readings of its own, a re-run row keeps the saved one's
     merged = update([str(saved), str(out / "zoo_2c2d.json")], "test")
     assert len(merged["results"]) == len(rerun["results"]) + 6
+    replaced = [r for r in merged["results"] if r["operation"] == "per_sample_grad"]
+    assert {r["implementation"]: r["memory_bytes"] for r in replaced}["tn"] == mib
+    assert all(r["time_s"] != 2.0 for r in replaced if r["implementation"] == "tn")
     # two files of the same name would write one output
     other = tmp_path / "other"
     other.mkdir()

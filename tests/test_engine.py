@@ -156,8 +156,19 @@ CHUNK_CASES = [
 
 
 @pytest.mark.parametrize("case", CHUNK_CASES, ids=lambda c: c.id)
-def test_batch_chunking_matches(case: Case):
+def test_batch_chunking_matches(case: Case, monkeypatch):
     """A tiny memory budget forces chunking over the batch; results are unchanged."""
+    import importlib
+
+    engine = importlib.import_module("backpack_tn.tn.evaluate")
+    execute, chunk_counts = engine._execute, []
+
+    def spy(candidate, tensors, chunks):
+        chunk_counts.append(chunks)
+        return execute(candidate, tensors, chunks)
+
+    monkeypatch.setattr(engine, "_execute", spy)
+    clear_caches()
     module, x, out, grad_out, _, gw = forward_with_grads(case)
     grads = per_sample_grads(case, module, x, grad_out)
     S = torch.randn(2, *out.shape, dtype=out.dtype)
@@ -176,6 +187,7 @@ def test_batch_chunking_matches(case: Case):
     close(per_sample, grads)
     close(summed, gw)
     close(diag_chunked, diag)
+    assert max(chunk_counts) > 1  # some computation did run in chunks
     with pytest.raises(ValueError, match="memory budget"):
         set_memory_budget(0)
 
@@ -1723,3 +1735,20 @@ def test_memory_bound_keeps_the_kernel_for_the_h200s_wrong_choice(monkeypatch):
         clear_caches()
     assert chosen == [0]
     torch.testing.assert_close(result, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_no_chunks_where_the_result_is_most_of_the_memory(monkeypatch):
+    """Per-sample gradients whose result dominates: chunks hold it twice (pieces and
+    their concatenation), so a budget below the largest intermediate must not chunk
+    (measured before: an 8 MB budget took the peak from 21 to 37 MiB)."""
+    import importlib
+
+    engine = importlib.import_module("backpack_tn.tn.evaluate")
+    geometry = make_geometry((4, 4), 3, padding=1)
+    shapes = {"x": (32, 1, 128, 4, 4), "v": (32, 1, 128, 4, 4)}
+    nets = networks("weight_vjp", geometry, per_sample=True)
+    monkeypatch.setitem(engine._SETTINGS, "budget", 8 * 10**6)
+    for c in candidates(nets, shapes, torch.float32, torch.device("cpu")):
+        result = 32 * 128 * 128 * 9
+        assert c.largest_intermediate * 4 > 8 * 10**6 and c.memory < 1.5 * result
+        assert engine._chunks(c, shapes, torch.float32) == 1

@@ -87,6 +87,9 @@ def concat(paths: Sequence[str], command: Optional[str] = None) -> dict:
 def update(paths: Sequence[str], command: str) -> dict:
     """Replace a base run's measurements of the (layer, operation)s re-run later.
 
+    A re-run row without a memory reading keeps the base's reading of the same
+    implementation (a time-only re-run must not erase the memory column).
+
     Args:
         paths: The base JSON file, then the newer ones (applied in order).
         command: The command lines to record (base and re-runs).
@@ -115,6 +118,14 @@ def update(paths: Sequence[str], command: str) -> dict:
             ]
             if not where:
                 raise ValueError(f"the base has no measurement of {group}")
+            # a re-run without memory readings (--no-memory) keeps the base's
+            old = {results[i]["implementation"]: results[i] for i in where}
+            rows = [
+                r
+                if r.get("memory_bytes") is not None or r["implementation"] not in old
+                else {**r, "memory_bytes": old[r["implementation"]].get("memory_bytes")}
+                for r in rows
+            ]
             keep = [r for i, r in enumerate(results) if i not in where]
             results = keep[: where[0]] + rows + keep[where[0] :]
     meta = dict(base["meta"])

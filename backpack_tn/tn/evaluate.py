@@ -994,11 +994,13 @@ def _window_cost(
 def _chunks(candidate: Candidate, shapes: Mapping[str, Shape], dtype) -> int:
     """Batch chunks that bring the candidate's largest intermediate within budget.
 
-    One (no chunking) where it fits, where an operand lacks the batch, or where
-    the largest intermediate does not hold the batch: a sum over the samples
-    contracted early (a depthwise 7×7 weight VJP by index patterns keeps a
-    ``[G, K1, O1, I2, K2]`` intermediate whatever the batch), which chunks would
-    only repeat, each time with its own copies.
+    One (no chunking) where it fits, where an operand lacks the batch, and where
+    chunks would not help: the chunk's largest intermediate (planned at the chunk's
+    batch, where ``opt_einsum`` may choose another path) is no smaller, as where the
+    samples are contracted first (a depthwise 7×7 weight VJP by index patterns keeps
+    a ``[G, K1, O1, I2, K2]`` intermediate whatever the batch); or the estimate with
+    chunks (:func:`chunked_memory`: the result twice) is no lower, as for per-sample
+    gradients whose result is most of the memory (a budget doubled their peak).
     """
     budget = _SETTINGS["budget"]
     item = torch.empty((), dtype=dtype).element_size()
@@ -1010,33 +1012,36 @@ def _chunks(candidate: Candidate, shapes: Mapping[str, Shape], dtype) -> int:
         return 1
     batch = shapes["x"][0] if "x" in shapes else shapes["v"][0]
     chunks = max(1, min(batch, math.ceil(needed / budget)))
-    if chunks > 1 and not _batch_in_largest(net, shapes, batch, dtype):
+    if chunks == 1:
+        return 1
+    if _largest(net, _with_batch(net, shapes, math.ceil(batch / chunks)), dtype) >= (
+        _largest(net, shapes, dtype)
+    ):
+        return 1
+    if chunked_memory(candidate, shapes, chunks) >= candidate.memory:
         return 1
     return chunks
 
 
-def _batch_in_largest(
-    net: TensorNetwork, shapes: Mapping[str, Shape], batch: int, dtype
-) -> bool:
-    """Whether the network's largest intermediate shrinks with the batch (halved)."""
+def _with_batch(
+    net: TensorNetwork, shapes: Mapping[str, Shape], batch: int
+) -> Dict[str, Shape]:
+    """The source shapes with the batch axis of each source that has one resized."""
     # ``n`` is a leading axis of each source that has it (as in :func:`_execute`)
-    position = {
-        op.source: op.axes.index("n")
-        for op in net.operands
-        if op.source is not None and "n" in op.axes
-    }
-    half = dict(shapes)
-    for name, axis in position.items():
-        shape = list(shapes[name])
-        shape[axis] = max(1, batch // 2)
-        half[name] = tuple(shape)
+    resized = dict(shapes)
+    for op in net.operands:
+        if op.source is not None and "n" in op.axes:
+            shape = list(shapes[op.source])
+            shape[op.axes.index("n")] = batch
+            resized[op.source] = tuple(shape)
+    return resized
 
-    def largest(source_shapes: Mapping[str, Shape]) -> int:
-        op_shapes = [_operand_shape(net, op, source_shapes) for op in net.operands]
-        # planned on the meta device: only the sizes are wanted
-        return _plan(net.equation, op_shapes, dtype, _META).largest_intermediate
 
-    return largest(half) < largest(shapes)
+def _largest(net: TensorNetwork, shapes: Mapping[str, Shape], dtype) -> int:
+    """Elements of the network's largest intermediate for these source shapes."""
+    op_shapes = [_operand_shape(net, op, shapes) for op in net.operands]
+    # planned on the meta device: only the sizes are wanted
+    return _plan(net.equation, op_shapes, dtype, _META).largest_intermediate
 
 
 _META = torch.device("meta")
