@@ -792,3 +792,30 @@ def test_per_layer_operations_time_everything_before_any_memory(monkeypatch):
     kinds = [kind for kind, _ in events]
     assert kinds == ["time"] * 3 + ["memory"] * 3
     assert all(r.memory_bytes == 1 for r in results)
+
+
+def test_timing_and_memory_set_their_own_allocator_state(monkeypatch):
+    """Timing fixes glibc's thresholds (blocks below 32 MiB from the heap, freed
+    memory kept) whatever ran before; a memory reading switches to its own state
+    (64 KiB and up by mmap, the heap trimmed)."""
+    settings = []
+
+    class FakeLibc:
+        def mallopt(self, option, value):
+            settings.append((option, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            settings.append(("trim", pad))
+            return 1
+
+    monkeypatch.setattr(measure, "_libc", FakeLibc)
+    interleaved_medians({"f": lambda: None}, torch.device("cpu"), repeats=1)
+    assert settings[:2] == [(-3, 32 << 20), (-1, 256 << 20)]
+    settings.clear()
+    if measure.cpu_memory_supported():
+        measure.peak_memory(lambda: torch.zeros(10), torch.device("cpu"))
+        assert settings == [(-3, 64 << 10), (-1, 128 << 10), ("trim", 0)]
+    settings.clear()
+    median_time(lambda: None, torch.device("cpu"), repeats=1, warmup=0)
+    assert settings == [(-3, 32 << 20), (-1, 256 << 20)]

@@ -10,7 +10,8 @@ Memory: extra memory a call needs beyond what is alive before it.
   call via ``/proc/self/clear_refs``. glibc's ``malloc`` is told to serve every block of
   64 KiB or more with ``mmap`` (and to trim its free heap before each measurement) so
   that freed tensors really leave the resident set and the next measurement starts
-  clean. As this changes allocation costs, time everything before measuring memory.
+  clean. As this changes allocation costs, time everything before measuring memory;
+  timing itself sets one fixed allocator state (:func:`configure_malloc_for_timing`).
   The number includes temporary buffers of BLAS and other libraries — it is what the
   operating system had to provide.
 """
@@ -30,21 +31,49 @@ import torch
 
 from backpack_tn.tn.evaluate import exploration_runs
 
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_MMAP_CONFIGURED = False
+#: While timing, glibc serves blocks below this from its heap and keeps what is
+#: freed (its largest mmap threshold on 64-bit systems, and a trim threshold above
+#: it). Left to itself, glibc raises its mmap threshold to the largest block freed so
+#: far, so whether a call's 14 MB result was a fresh, page-faulting mmap (15 ms for a
+#: 3 ms depthwise kernel) or reused heap memory depended on what ran before in the
+#: process. A long-running training process reaches the fixed state anyway.
+_TIMING_MMAP_THRESHOLD = 32 << 20
+_TIMING_TRIM_THRESHOLD = 256 << 20
+_DEFAULT_TRIM_THRESHOLD = 128 << 10
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
 
 
 def _configure_malloc() -> None:
-    """Serve big blocks by mmap from now on and return free heap memory to the OS."""
-    global _MMAP_CONFIGURED
+    """For memory: serve blocks of 64 KiB or more by mmap, return free heap memory."""
+    libc = _libc()
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        if not _MMAP_CONFIGURED:
-            libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
         libc.malloc_trim(0)  # memory freed earlier would hide new allocations
-    except (OSError, AttributeError):  # not glibc: coarser, but still valid peaks
+    except AttributeError:  # not glibc: coarser, but still valid peaks
         pass
-    _MMAP_CONFIGURED = True
+
+
+def configure_malloc_for_timing() -> None:
+    """For timing: one fixed allocator state, whatever ran before (glibc only).
+
+    Blocks below :data:`_TIMING_MMAP_THRESHOLD` come from the heap, and freed heap
+    memory is kept for reuse. :func:`peak_memory` switches back to its own state.
+    """
+    libc = _libc()
+    try:
+        libc.mallopt(_M_MMAP_THRESHOLD, _TIMING_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _TIMING_TRIM_THRESHOLD)
+    except AttributeError:
+        pass
 
 
 def _proc_status(field: str) -> int:
@@ -218,6 +247,8 @@ def median_time(
     Returns:
         The median time per call in seconds.
     """
+    if device.type == "cpu":
+        configure_malloc_for_timing()
     for _ in range(warmup):
         settle(fn)
     times = []
@@ -314,6 +345,8 @@ def interleaved_medians(
     Returns:
         The median time per call in seconds per name.
     """
+    if device.type == "cpu":
+        configure_malloc_for_timing()
     for fn in fns.values():
         settle(fn)
     # a second call measures the steady state and sizes the samples
