@@ -3,7 +3,7 @@
 A row misses if ``backpack_tn`` is slower than the fastest stock implementation by
 more than 1.05x, or needs more than 1.05x and 64 KiB more memory than the leanest.
 Prints the counts, then one markdown row per miss with its readings in the tables and
-in the two re-runs.
+in the three re-runs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ from typing import Dict, Iterable, Optional, Set, Tuple
 
 Row = Tuple[str, str]  # (layer, operation)
 FOLDER = "docs/bench/check_7e72224"
-RUNS = {"7a951fb": f"{FOLDER}/at_7a951fb", "7e72224": f"{FOLDER}/at_7e72224"}
+RUNS = {
+    "7a951fb": f"{FOLDER}/at_7a951fb",
+    "7e72224": f"{FOLDER}/at_7e72224",
+    "353b1dd": f"{FOLDER}/at_353b1dd",
+}
 
 
 def readings(files: Iterable[str], only: Optional[Set[Row]] = None) -> Dict[Row, dict]:
