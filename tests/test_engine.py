@@ -1551,6 +1551,24 @@ def test_first_call_in_inference_mode_then_differentiable_calls(case, strategy):
             close(grad, expected)
 
 
+def _tn_measured_faster(monkeypatch) -> list:
+    """Make every kernel-vs-TN choice see the TN at half the kernel's time.
+
+    Every candidate runs (the TN decides its own contraction, so its memory estimate
+    is known), then the choice rule picks; the picks are appended to the returned list.
+    """
+    chosen = []
+
+    def fastest(key, runs, device, choose=None):
+        for run in runs:
+            run()
+        chosen.append(choose([1.0, 0.5]))
+        return runs[chosen[-1]]()
+
+    monkeypatch.setattr(tnf, "fastest", fastest)
+    return chosen
+
+
 @pytest.mark.parametrize(
     "layer, tn_kept",
     [
@@ -1586,15 +1604,7 @@ def test_tn_replaces_the_kernel_only_within_its_memory_bound(
         "input_vjp": (lambda: tnf.input_vjp(v, w, x.shape, **hyper), grad_x),
         "weight_vjp": (lambda: tnf.weight_vjp(x, v, k, **hyper), grad_w),
     }[op]
-    chosen = []
-
-    def tn_measured_faster(key, runs, device, choose=None):
-        for r in runs:  # every candidate runs (the TN decides its contraction)
-            r()
-        chosen.append(choose([1.0, 0.5]))  # the TN at half the kernel's time
-        return runs[chosen[-1]]()
-
-    monkeypatch.setattr(tnf, "fastest", tn_measured_faster)
+    chosen = _tn_measured_faster(monkeypatch)
     enabled, threshold = get_autotune()
     clear_caches()
     try:
@@ -1653,15 +1663,7 @@ def test_kernel_kept_where_the_tns_memory_is_unknown(monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(8, 16, 16, 16)
     w = torch.randn(16, 16, 4, 4)
-    chosen = []
-
-    def tn_measured_faster(key, runs, device, choose=None):
-        for r in runs:
-            r()
-        chosen.append(choose([1.0, 0.5]))
-        return runs[chosen[-1]]()
-
-    monkeypatch.setattr(tnf, "fastest", tn_measured_faster)
+    chosen = _tn_measured_faster(monkeypatch)
     enabled, threshold = get_autotune()
     clear_caches()
     try:
@@ -1710,21 +1712,13 @@ def test_memory_bound_keeps_the_kernel_for_the_h200s_wrong_choice(monkeypatch):
     kernel, whatever the timing says (here: the TN measured 2× faster)."""
     from backpack_tn.tn.evaluate import get_autotune, set_autotune
 
-    chosen = []
-
-    def tn_measured_faster(key, runs, device, choose=None):
-        for r in runs:
-            r()
-        chosen.append(choose([1.0, 0.5]))
-        return runs[chosen[-1]]()
-
     torch.manual_seed(0)
     x = torch.randn(4, 96, 32, 32, requires_grad=True)
     w = torch.randn(96, 96, 3, 3)
     out = F.conv2d(x, w, stride=2, padding=1)
     v = torch.randn_like(out)
     (expected,) = torch.autograd.grad(out, x, v)
-    monkeypatch.setattr(tnf, "fastest", tn_measured_faster)
+    chosen = _tn_measured_faster(monkeypatch)
     enabled, threshold = get_autotune()
     clear_caches()
     try:

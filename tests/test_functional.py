@@ -331,14 +331,9 @@ def test_repeated_calls_compute_from_their_own_tensors(
         set_autotune(enabled, threshold)
 
 
-@pytest.mark.parametrize(
-    "case", [c for c in CASES if c.name in ("k3-s2-p1", "k3-s1-p1-reflect")], ids=str
-)
-def test_squared_quantities_are_differentiable(case: Case, simplify):
-    """Gradients through the squared quantities (GGN diagonal, batch L2, summed squared
-    gradients) equal autograd's through unfold-based references."""
-    module, x, out, grad_out, *_ = forward_with_grads(case)
-    S = _random_S(case, out)
+def _squared_quantities(case: Case, S: Tensor, simplify: bool) -> dict:
+    """The squared quantities as functions of ``(x, grad_out)``: ours, and a reference
+    through the unfolded input (``torch`` and ``unfoldNd`` only)."""
     k, hyper = case.kernel_size, case.hyper
     groups, c_out = case.groups, case.c_out
 
@@ -347,7 +342,7 @@ def test_squared_quantities_are_differentiable(case: Case, simplify):
         g = g.reshape(g.shape[0], groups, c_out // groups, -1)
         return torch.einsum("ngdo,ngio->ngdi", g, u).reshape(g.shape[0], c_out, -1)
 
-    quantities = {
+    return {
         "diag_ggn": (
             lambda x, g: tnf.diag_ggn_weight(x, S, k, simplify=simplify, **hyper),
             lambda x, g: _reference_sqrt_ggn(case, x, S).pow(2).sum((0, 1)),
@@ -369,6 +364,16 @@ def test_squared_quantities_are_differentiable(case: Case, simplify):
             lambda x, g: per_sample(x, g).pow(2).sum(0),
         ),
     }
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.name in ("k3-s2-p1", "k3-s1-p1-reflect")], ids=str
+)
+def test_squared_quantities_are_differentiable(case: Case, simplify):
+    """Gradients through the squared quantities (GGN diagonal, batch L2, summed squared
+    gradients) equal autograd's through unfold-based references."""
+    _, x, out, grad_out, *_ = forward_with_grads(case)
+    quantities = _squared_quantities(case, _random_S(case, out), simplify)
     for run, reference in quantities.values():
         ours = [t.clone().requires_grad_(True) for t in (x, grad_out)]
         theirs = [t.clone().requires_grad_(True) for t in (x, grad_out)]
@@ -468,31 +473,7 @@ def test_squared_quantities_in_forward_mode(case: Case, simplify):
     import torch.autograd.forward_ad as fwAD
 
     _, x, out, grad_out, *_ = forward_with_grads(case)
-    S = _random_S(case, out)
-    k, hyper = case.kernel_size, case.hyper
-    groups, c_out = case.groups, case.c_out
-
-    def per_sample(x, g):  # [N, C_out, C_in/G·ΠK] from the unfolded input
-        u = grouped_unfold(case, x)
-        g = g.reshape(g.shape[0], groups, c_out // groups, -1)
-        return torch.einsum("ngdo,ngio->ngdi", g, u).reshape(g.shape[0], c_out, -1)
-
-    quantities = {
-        "diag_ggn": (
-            lambda x, g: tnf.diag_ggn_weight(x, S, k, simplify=simplify, **hyper),
-            lambda x, g: _reference_sqrt_ggn(case, x, S).pow(2).sum((0, 1)),
-        ),
-        "batch_l2": (
-            lambda x, g: tnf.batch_l2_weight(x, g, k, simplify=simplify, **hyper),
-            lambda x, g: per_sample(x, g).pow(2).flatten(1).sum(1),
-        ),
-        "sum_grad_squared": (
-            lambda x, g: tnf.sum_grad_squared_weight(
-                x, g, k, simplify=simplify, **hyper
-            ),
-            lambda x, g: per_sample(x, g).pow(2).sum(0),
-        ),
-    }
+    quantities = _squared_quantities(case, _random_S(case, out), simplify)
     torch.manual_seed(6)
     tangents = (torch.randn_like(x), torch.randn_like(grad_out))
     for run, reference in quantities.values():

@@ -89,7 +89,8 @@ def find_layer(name: str) -> Layer:
     raise ValueError(f"Unknown benchmark layer {name!r}.")
 
 
-def _reading(row: Optional[dict], kind: str) -> str:
+def reading(row: Optional[dict], kind: str) -> str:
+    """A comparison row's reading as a table cell (``kind``: time or memory)."""
     if row is None:
         return "—"
     if kind == "time":
@@ -151,7 +152,7 @@ def comparison(
         for kind in kinds:
             lines.append(
                 f"| {layer} ({description}) | {op} | {kind} | "
-                f"{_reading(old[key], kind)} | {_reading(new.get(key), kind)} |"
+                f"{reading(old[key], kind)} | {reading(new.get(key), kind)} |"
             )
     return "\n".join(lines)
 
