@@ -319,18 +319,22 @@ def test_bench_command_measures_memory_per_implementation(tmp_path):
     assert rows["einconv"]["memory_bytes"] > rows["torch"]["memory_bytes"]
 
 
+def _saved_row(layer, op, impl, seconds, memory, description="5x5 s1 p2 1→32 @28x28"):
+    return dict(
+        layer=layer,
+        description=description,
+        operation=op,
+        implementation=impl,
+        time_s=seconds,
+        memory_bytes=memory,
+        rel_error=0.0,
+        category="general",
+    )
+
+
 def _run_file(path, times, layers=("a",), batch_size=8, operations=("kfac_expand",)):
     results = [
-        dict(
-            layer=layer,
-            description="3x3",
-            operation=operation,
-            implementation=impl,
-            time_s=t,
-            memory_bytes=None,
-            rel_error=0.0,
-            category="general",
-        )
+        _saved_row(layer, operation, impl, t, None, "3x3")
         for layer in layers
         for operation in operations
         for impl, t in zip(("tn", "unfold"), times)
@@ -629,19 +633,6 @@ def test_pairs_command_times_the_engines_planned_steps(capsys):
     timed = int(out.split(" timed as a bmm")[0].split(", ")[-1])
     assert timed >= 1  # small layers: the engine plans some steps as a bmm
     assert out.count("` | (") == timed  # one table row per timed step
-
-
-def _saved_row(layer, op, impl, seconds, memory, description="5x5 s1 p2 1→32 @28x28"):
-    return dict(
-        layer=layer,
-        description=description,
-        operation=op,
-        implementation=impl,
-        time_s=seconds,
-        memory_bytes=memory,
-        rel_error=0.0,
-        category="general",
-    )
 
 
 def test_recheck_finds_the_rows_that_missed():
