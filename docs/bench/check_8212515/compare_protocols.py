@@ -1,11 +1,13 @@
 """Zoo rows measured with the old benchmark protocol against the fixed one.
 
-The check runs at ``e8b2a0a`` (warm-up of up to five calls, glibc's dynamic mmap
-threshold) against the runs at ``8212515`` (50 ms of warm-up, one fixed allocator
-state), row by row. Run from the repository root::
+Old: warm-up of up to five calls, glibc's dynamic mmap threshold; new: 50 ms of
+warm-up, one fixed allocator state. Row by row, per file: ``OLD_DIR/NAME`` against
+``NEW_DIR/NAME``. Run from the repository root::
 
-    python docs/bench/check_8212515/compare_protocols.py \
-        zoo_deepobs_cpu.json zoo_resnet18_cpu.json
+    python docs/bench/check_8212515/compare_protocols.py docs/bench/check_e8b2a0a \
+        docs/bench/check_8212515 zoo_deepobs_cpu.json zoo_resnet18_cpu.json
+    python docs/bench/check_8212515/compare_protocols.py docs/bench \
+        docs/bench/check_0750095 zoo_alexnet_convnext_cpu.json zoo_mobilenet_v2_cpu.json
 """
 
 from __future__ import annotations
@@ -17,9 +19,6 @@ from typing import Dict, Tuple
 
 from backpack_tn.bench.recheck import misses
 from backpack_tn.bench.report import comparisons, geometric_mean
-
-OLD = "docs/bench/check_e8b2a0a"
-NEW = "docs/bench/check_8212515"
 
 
 def rows(path: str) -> Dict[tuple, dict]:
@@ -49,10 +48,10 @@ def summary(by_key: Dict[tuple, dict]) -> Dict[str, Tuple[int, float, float, int
     return out
 
 
-def main(names) -> None:
+def main(old_dir: str, new_dir: str, names) -> None:
     """Print one table per file: old → new per operation, then the new misses."""
     for name in names:
-        old, new = rows(f"{OLD}/{name}"), rows(f"{NEW}/{name}")
+        old, new = rows(f"{old_dir}/{name}"), rows(f"{new_dir}/{name}")
         common = sorted(set(old) & set(new))
         old = {k: old[k] for k in common}
         new = {k: new[k] for k in common}
@@ -89,4 +88,4 @@ def main(names) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
