@@ -1746,3 +1746,67 @@ def test_no_chunks_where_the_result_is_most_of_the_memory(monkeypatch):
         result = 32 * 128 * 128 * 9
         assert c.largest_intermediate * 4 > 8 * 10**6 and c.memory < 1.5 * result
         assert engine._chunks(c, shapes, torch.float32) == 1
+
+
+@pytest.mark.parametrize("op", ["forward", "forward-bias", "input_vjp"])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_pointwise_matmul_candidate_for_1x1_convolutions(op, dims, monkeypatch):
+    """1×1 convolutions (stride 1, one group) get a third candidate, a batched matmul
+    with the kernel broadcast over the samples; where it measures fastest it runs,
+    and repeated calls run it too. Results against torch's convolution and autograd."""
+    from backpack_tn.tn.evaluate import get_autotune, set_autotune
+
+    torch.manual_seed(0)
+    size = (5, 4, 3)[:dims]
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    x = torch.randn(3, 6, *size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 6, *([1] * dims), dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64) if op == "forward-bias" else None
+    out = conv(x, w, b)
+    v = torch.randn_like(out)
+    (grad_x,) = torch.autograd.grad(out, x, v)
+    x = x.detach()
+    if op == "input_vjp":
+        run, expected = (lambda: tnf.input_vjp(v, w, x.shape)), grad_x
+    else:
+        run, expected = (lambda: tnf.conv(x, w, b)), out.detach()
+    seen = []
+
+    def pointwise_fastest(key, runs, device, choose=None):
+        results = [r() for r in runs]
+        seen.append(len(runs))
+        for result in results[1:]:  # every candidate computes the same
+            close(result, results[0])
+        return results[choose([1.0, 1.0, 0.5])]
+
+    monkeypatch.setattr(tnf, "fastest", pointwise_fastest)
+    monkeypatch.setattr(tnf, "fastest_choice", lambda key: 2)
+    enabled, threshold = get_autotune()
+    clear_caches()
+    try:
+        set_autotune(True, min_flops=0)
+        close(run(), expected)
+        calls = []
+        matmul = torch.matmul
+        monkeypatch.setattr(torch, "matmul", lambda *a: calls.append(1) or matmul(*a))
+        close(run(), expected)  # the remembered plan: the matmul again
+    finally:
+        set_autotune(enabled, threshold)
+        clear_caches()
+    assert seen == [3] and calls == [1]
+
+
+def test_no_pointwise_candidate_beyond_1x1_stride_1_single_group():
+    from backpack_tn.functional import _pointwise
+
+    for hyper in [
+        dict(kernel_size=(1, 1), stride=2),
+        dict(kernel_size=(1, 1), groups=2),
+        dict(kernel_size=(1, 1), padding=1),
+        dict(kernel_size=(3, 1)),
+    ]:
+        k = hyper.pop("kernel_size")
+        geometry = make_geometry((6, 6), k, **hyper)
+        assert _pointwise(geometry, transposed=False) is None
+        assert _pointwise(geometry, transposed=True) is None
+    assert _pointwise(make_geometry((6, 6), 1), transposed=True) is not None
