@@ -493,8 +493,8 @@ def _pointwise(
         n, c_in = x.shape[:2]
         w = weight.reshape(weight.shape[0], c_in)
         out = torch.matmul(w, x.reshape(n, c_in, -1))
-        if bias is not None:
-            out = out + bias.reshape(1, -1, 1)
+        if bias is not None:  # into the fresh product: no second result-sized tensor
+            out = out.add_(bias.reshape(1, -1, 1))
         return out.reshape(n, w.shape[0], *x.shape[2:])
 
     return forward

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import gc
 import math
 import statistics
@@ -44,7 +45,9 @@ _TIMING_TRIM_THRESHOLD = 256 << 20
 _DEFAULT_TRIM_THRESHOLD = 128 << 10
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
+    """glibc, loaded once (``None`` elsewhere)."""
     try:
         return ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc
