@@ -982,6 +982,7 @@ def kfac_input_factor(
     approx: str = "expand",
     groups_mode: str = "average",
     simplify: bool = True,
+    scale: Optional[float] = None,
 ) -> Tensor:
     """Input-based Kronecker factor of KFAC for a convolution (no bias row/column).
 
@@ -1005,6 +1006,13 @@ def kfac_input_factor(
             (curvlinops' convention, one factor); ``'separate'`` returns the exact
             factor of every group.
         simplify: Apply structural simplifications.
+        scale: Multiply the sums by this instead of the normalisation above
+            (``1/N``, or ``1/N`` and the squared number of output positions for
+            ``'reduce'``), e.g. curvlinops' per data point and output position.
+            The factor is quadratic in ``x``: where the input has fewer elements
+            than the factor, ``x`` is scaled by the square root instead of the
+            factor (the factor of a 3×3 512-channel layer at 7×7, batch 8, has 100
+            times the input's elements).
 
     Returns:
         ``[C_in/G·ΠK, C_in/G·ΠK]`` (average) or ``[G, C_in/G·ΠK, C_in/G·ΠK]``
@@ -1018,33 +1026,52 @@ def kfac_input_factor(
         "kfac_input_factor", (x,), *hyper, approx, groups_mode, simplify
     )
     if plan is not None:
-        return plan(x)
+        return plan(x, scale)
     if approx not in KFAC_APPROXIMATIONS:
         raise ValueError(
             f"approx must be one of {KFAC_APPROXIMATIONS}, got {approx!r}."
         )
     geometry, group = _kfac_input(x, *hyper, groups_mode)
-    grouped = group(x)
-    runs = list(_kfac_runs(geometry, approx, simplify, grouped.shape[2]).values())
+    channels = x.shape[1] // groups
+    runs = list(_kfac_runs(geometry, approx, simplify, channels).values())
+    default = 1.0 / x.shape[0]
+    if approx == "reduce":
+        default /= math.prod(geometry.output_size) ** 2
+    dim = channels * math.prod(geometry.kernel_size)
+    factors = 1 if groups_mode == "average" else groups
+    average = groups_mode == "average"
+    # one multiplication of whichever is smaller, the input or the factor
+    on_input = x.numel() < factors * dim * dim
+
+    def scaled(x: Tensor, scale: Optional[float]) -> Tuple[Tensor, float]:
+        """The input to contract, and what the contraction's result is scaled by."""
+        scale = default if scale is None else scale
+        if on_input and scale >= 0:
+            return x * math.sqrt(scale), 1.0
+        return x, scale
+
+    def finish(out: Tensor, scale: float) -> Tensor:
+        if scale != 1.0:
+            out = out.mul_(scale)
+        out = out.reshape(factors, dim, dim)
+        return out[0] if average else out
+
+    x_in, rest = scaled(x, scale)
+    grouped = group(x_in)
     if len(runs) > 1:
         key = ("kfac_expand", tuple(grouped.shape), geometry, x.dtype, x.device)
         out, chosen = _chosen(key, runs, (grouped,), x.device)
     else:
         out, chosen = runs[0](grouped), runs[0].plan(grouped)
-    scale = 1.0 / x.shape[0]
-    if approx == "reduce":
-        scale /= math.prod(geometry.output_size) ** 2
-    dim = x.shape[1] // groups * math.prod(geometry.kernel_size)
-    shape = (grouped.shape[1], dim, dim)
-    average = groups_mode == "average"
-
-    def finish(out: Tensor) -> Tensor:
-        out = out.mul_(scale).reshape(shape)
-        return out[0] if average else out
 
     if chosen is not None:
-        _remember(signature, lambda x: finish(chosen(group(x))))
-    return finish(out)
+
+        def plan(x: Tensor, scale: Optional[float]) -> Tensor:
+            x, rest = scaled(x, scale)
+            return finish(chosen(group(x)), rest)
+
+        _remember(signature, plan)
+    return finish(out, rest)
 
 
 def averaged_patches(

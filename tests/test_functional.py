@@ -159,6 +159,46 @@ def test_kfac_input_factor(case, simplify, approx, groups_mode):
     close(result, expected)
 
 
+_SCALED_FACTORS = {
+    # the input is smaller than the factor: scaled by the square root on the input
+    "input-scaled": (torch.Size([2, 16, 5, 5]), 3, 1),
+    # the factor is smaller: scaled on the result
+    "result-scaled": (torch.Size([3, 4, 12, 12]), 1, 2),
+}
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("groups_mode", ["average", "separate"])
+@pytest.mark.parametrize("where", list(_SCALED_FACTORS))
+def test_kfac_input_factor_scale(where, groups_mode, approx):
+    """A given ``scale`` replaces the default normalisation, call after call."""
+    shape, kernel_size, groups = _SCALED_FACTORS[where]
+    x = torch.randn(shape, dtype=torch.float64)
+    unfolded = torch.nn.functional.unfold(x, kernel_size)  # [N, C·K, O]
+    u = unfolded.reshape(shape[0], groups, -1, unfolded.shape[-1])
+    if groups_mode == "average":
+        u = u.mean(1, keepdim=True)
+    if approx == "reduce":
+        u = u.mean(-1, keepdim=True) * unfolded.shape[-1]  # summed, not averaged
+    sums = torch.einsum("ngio,ngjo->gij", u, u)
+    if groups_mode == "average":
+        sums = sums[0]
+    # the same signature again and again: later calls run the remembered plan
+    for scale in (0.37, 2.0, -0.5, 0.0, None):
+        result = tnf.kfac_input_factor(
+            x,
+            kernel_size,
+            groups=groups,
+            approx=approx,
+            groups_mode=groups_mode,
+            scale=scale,
+        )
+        if scale is None:  # the default normalisation
+            positions = 1 if approx == "expand" else unfolded.shape[-1] ** 2
+            scale = 1.0 / (shape[0] * positions)
+        close(result, scale * sums)
+
+
 @pytest.mark.parametrize("groups_mode", ["average", "separate"])
 def test_averaged_patches(case, simplify, groups_mode):
     x = case.input()
