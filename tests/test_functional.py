@@ -161,9 +161,10 @@ def test_kfac_input_factor(case, simplify, approx, groups_mode):
 
 _SCALED_FACTORS = {
     # the input is smaller than the factor: scaled by the square root on the input
-    "input-scaled": (torch.Size([2, 16, 5, 5]), 3, 1),
+    # (a negative scale goes to the result)
+    "input-scaled": (torch.Size([2, 16, 5, 5]), 3, 2, (0.37, -0.5, 2.0, 0.0, None)),
     # the factor is smaller: scaled on the result
-    "result-scaled": (torch.Size([3, 4, 12, 12]), 1, 2),
+    "result-scaled": (torch.Size([3, 4, 12, 12]), 1, 2, (-0.5, None, 0.37, 0.0, 2.0)),
 }
 
 
@@ -172,7 +173,7 @@ _SCALED_FACTORS = {
 @pytest.mark.parametrize("where", list(_SCALED_FACTORS))
 def test_kfac_input_factor_scale(where, groups_mode, approx):
     """A given ``scale`` replaces the default normalisation, call after call."""
-    shape, kernel_size, groups = _SCALED_FACTORS[where]
+    shape, kernel_size, groups, scales = _SCALED_FACTORS[where]
     x = torch.randn(shape, dtype=torch.float64)
     unfolded = torch.nn.functional.unfold(x, kernel_size)  # [N, C·K, O]
     u = unfolded.reshape(shape[0], groups, -1, unfolded.shape[-1])
@@ -184,7 +185,7 @@ def test_kfac_input_factor_scale(where, groups_mode, approx):
     if groups_mode == "average":
         sums = sums[0]
     # the same signature again and again: later calls run the remembered plan
-    for scale in (0.37, 2.0, -0.5, 0.0, None):
+    for scale in scales:
         result = tnf.kfac_input_factor(
             x,
             kernel_size,
