@@ -1038,8 +1038,8 @@ def kfac_input_factor(
     if approx == "reduce":
         default /= math.prod(geometry.output_size) ** 2
     dim = channels * math.prod(geometry.kernel_size)
-    factors = 1 if groups_mode == "average" else groups
     average = groups_mode == "average"
+    factors = 1 if average else groups
     # one multiplication of whichever is smaller, the input or the factor
     on_input = x.numel() < factors * dim * dim
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from functools import partial
 
@@ -13,7 +12,13 @@ from backpack_tn.bench import report
 from backpack_tn.bench.baselines import OPERATIONS
 from backpack_tn.bench.layers import ENGINE_LAYERS
 from backpack_tn.bench.measure import add_memory_rounds_argument
-from backpack_tn.bench.run import markdown_table, run_layers, save_json
+from backpack_tn.bench.run import (
+    device_name,
+    markdown_table,
+    mismatches,
+    run_layers,
+    save_json,
+)
 from backpack_tn.bench.zoo import ZOO, zoo_layers
 
 
@@ -85,9 +90,7 @@ def main(argv=None) -> int:
     if args.max_layers:
         layers = layers[: args.max_layers]
     meta = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device": device_name(device),
         "threads": args.threads,
         "torch": torch.__version__,
         "batch_size": args.batch_size,
@@ -120,11 +123,7 @@ def main(argv=None) -> int:
         report.plot(rows, args.plot)
     if args.json:
         save_json(results, args.json, meta)
-    tolerance = 1e-4 if args.dtype == "float32" else 1e-10
-    bad = [r for r in results if r.rel_error is not None and r.rel_error > tolerance]
-    for r in bad:
-        print(f"MISMATCH {r.layer} {r.operation} {r.implementation}: {r.rel_error:.2e}")
-    return 1 if bad else 0
+    return 1 if mismatches(results, args.dtype) else 0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from collections import defaultdict
 from functools import partial
@@ -37,7 +36,13 @@ import torch
 from backpack_tn.bench import report
 from backpack_tn.bench.layers import ENGINE_LAYERS, Layer
 from backpack_tn.bench.measure import add_memory_rounds_argument
-from backpack_tn.bench.run import Measurement, run_layers, save_json
+from backpack_tn.bench.run import (
+    Measurement,
+    device_name,
+    mismatches,
+    run_layers,
+    save_json,
+)
 from backpack_tn.bench.zoo import ZOO, model_layers
 
 #: Memory differences below this many bytes are not counted as misses.
@@ -213,9 +218,7 @@ def main(argv=None) -> int:
     for path, saved, before, missed, ops, layers in plans:
         meta = dict(saved["meta"])
         meta.update(
-            device=torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or platform.machine(),
+            device=device_name(device),
             threads=args.threads,
             torch=torch.__version__,
             command="python -m backpack_tn.bench.recheck "
@@ -245,12 +248,7 @@ def main(argv=None) -> int:
         print(f"## {path} → {out}\n")
         print(comparison(before, now, missed, args.tolerance, args.min_memory))
         print()
-        tolerance = 1e-4 if meta.get("dtype", "float32") == "float32" else 1e-10
-        bad += [
-            r for r in results if r.rel_error is not None and r.rel_error > tolerance
-        ]
-    for r in bad:
-        print(f"MISMATCH {r.layer} {r.operation} {r.implementation}: {r.rel_error:.2e}")
+        bad += mismatches(results, meta.get("dtype", "float32"))
     return 1 if bad else 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Callable, Iterable, List, Mapping, Optional, Sequence
@@ -185,3 +186,22 @@ def save_json(results: List[Measurement], path: str, meta: dict) -> None:
     """Write measurements and run metadata as JSON."""
     with open(path, "w") as f:
         json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=1)
+
+
+def device_name(device: torch.device) -> str:
+    """What a run's ``meta`` records as its device (the GPU's name, or the CPU's)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def mismatches(results: List[Measurement], dtype: str) -> List[Measurement]:
+    """Measurements whose result deviates from the TN's beyond ``dtype``'s tolerance.
+
+    Each is printed as ``MISMATCH layer operation implementation: deviation``.
+    """
+    tolerance = 1e-4 if dtype == "float32" else 1e-10
+    bad = [r for r in results if r.rel_error is not None and r.rel_error > tolerance]
+    for r in bad:
+        print(f"MISMATCH {r.layer} {r.operation} {r.implementation}: {r.rel_error:.2e}")
+    return bad
