@@ -1003,7 +1003,7 @@ def _chunks(candidate: Candidate, shapes: Mapping[str, Shape], dtype) -> int:
     gradients whose result is most of the memory (a budget doubled their peak).
     """
     budget = _SETTINGS["budget"]
-    item = dtype.itemsize
+    item = torch.empty((), dtype=dtype).element_size()
     needed = candidate.largest_intermediate * item
     if budget is None or needed <= budget:
         return 1
@@ -1708,7 +1708,7 @@ def evaluate(
     chunks = _chunks(best, shapes, dtype)
     prepared = _prepared(best, shapes, chunks, dtype, device)
     prepared.formulations = formulations  # keeps the identity in the key alive
-    itemsize = dtype.itemsize
+    itemsize = torch.empty((), dtype=dtype).element_size()
     prepared.memory = int(chunked_memory(best, shapes, chunks) * itemsize)
     _PREPARED.put(prepared_key, prepared)
     return prepared(tensors) if result is None else result
